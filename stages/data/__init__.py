@@ -1,0 +1,1 @@
+"""Shared data contracts: annotation schema and converters, frame cache and feature store, typed configs."""

@@ -1,0 +1,92 @@
+"""The unified annotation schema: one JSON object per line, one line per query (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.data.errors import PipelineError
+
+VIDEO_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One text query and the moment(s) of its video that it describes."""
+
+    query_id: str
+    query: str
+    video_id: str
+    duration: float
+    moments: tuple[tuple[float, float], ...]
+    split: str
+
+    def to_json(self) -> dict:
+        """The JSON object written on one line of the unified file."""
+        return {
+            "query_id": self.query_id,
+            "query": self.query,
+            "video_id": self.video_id,
+            "duration": self.duration,
+            "moments": [list(m) for m in self.moments],
+            "split": self.split,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Query:
+        """Inverse of `to_json`."""
+        return cls(
+            query_id=str(obj["query_id"]),
+            query=str(obj["query"]),
+            video_id=str(obj["video_id"]),
+            duration=float(obj["duration"]),
+            moments=tuple((float(s), float(e)) for s, e in obj["moments"]),
+            split=str(obj["split"]),
+        )
+
+
+def is_valid_video_id(video_id: str) -> bool:
+    """A video id is a plain file-name stem: `[A-Za-z0-9_.-]+`, never `.`/`..` or a path."""
+    return bool(VIDEO_ID_PATTERN.match(video_id)) and video_id not in {".", ".."} and ".." not in video_id
+
+
+def write_queries(path: str | Path, queries: Iterable[Query]) -> None:
+    """Write unified annotations atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for query in queries:
+            handle.write(json.dumps(query.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_queries(path: str | Path, split: str | None = None) -> list[Query]:
+    """Read unified annotations, optionally keeping one split."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist; run `python pipeline.py prepare` first")
+    queries = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                query = Query.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise PipelineError(f"{path}:{number}: not a unified annotation line ({exc})") from exc
+            if split is None or query.split == split:
+                queries.append(query)
+    return queries
+
+
+def video_durations(queries: Iterable[Query]) -> dict[str, float]:
+    """Video id to duration, in order of first appearance."""
+    durations: dict[str, float] = {}
+    for query in queries:
+        durations.setdefault(query.video_id, query.duration)
+    return durations

@@ -1,0 +1,1 @@
+"""Evaluation: PRVR and moment metrics, chunked similarity, efficiency probes, reports."""

@@ -1,0 +1,1 @@
+"""Training: models (CLIP backbone, ProPy, baselines), loops, optimisers, checkpoints, distributed helpers."""
