@@ -137,5 +137,19 @@ def convert_weights(src: str, dst: str) -> None:
     click.echo(f"wrote {dst}\nsha256 {digest}")
 
 
+@cli.command("verify-reference")
+@click.argument("model")
+@click.argument("prefix")
+def verify_reference(model: str, prefix: str) -> None:
+    """Compare our port with an official-code fixture (PREFIX_*); exit 0 iff every error is at most 1e-4."""
+    import stages.train.models  # noqa: F401 - model modules register their reference checks
+    from stages.train.reference import TOLERANCE, run_reference_check
+
+    errors = run_reference_check(model, prefix)
+    click.echo(json.dumps(errors, indent=1))
+    if not errors or max(errors.values()) > TOLERANCE:
+        raise click.exceptions.Exit(1)
+
+
 if __name__ == "__main__":
     cli()
