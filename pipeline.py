@@ -86,7 +86,13 @@ class Params:
 
 
 class StageGroup(click.Group):
-    """A click group that turns PipelineError into a one-line error message and exit status 1."""
+    """A click group that lists each command's whole first docstring line and turns PipelineError into a one-line
+    error message with exit status 1."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if cmd.help and not cmd.short_help:
+            cmd.short_help = cmd.help.strip().splitlines()[0]
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -149,6 +155,208 @@ def verify_reference(model: str, prefix: str) -> None:
     click.echo(json.dumps(errors, indent=1))
     if not errors or max(errors.values()) > TOLERANCE:
         raise click.exceptions.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Annotations
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("prepare")
+@section_overrides
+@click.pass_obj
+def prepare(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Convert the dataset's native annotation files into the unified annotations.jsonl."""
+    from stages.data.prepare import PrepareConfig, run_prepare
+
+    params.use("prepare", local_overrides)
+    run_prepare(params.base(), params.config("prepare", PrepareConfig))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("score-matrix")
+@click.option("--sims", "sims_path", required=True, help="[queries, videos] float scores (.npy), higher is better.")
+@click.option("--gt", "gt_path", required=True, help="[queries] int ground-truth video column of each query (.npy).")
+def score_matrix(sims_path: str, gt_path: str) -> None:
+    """Print the PRVR metrics (R1/5/10/100, SumR, MedR, MeanR) of a saved score matrix as one JSON object."""
+    from stages.evaluate.metrics import score_matrix_files
+
+    click.echo(json.dumps(score_matrix_files(sims_path, gt_path)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("decode")
+@section_overrides
+@click.pass_obj
+def decode(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Decode every annotated video once into the zarr frame cache."""
+    from stages.extract.decode import DecodeConfig, run_decode
+
+    params.use("decode", local_overrides)
+    summary = run_decode(params.base(), params.config("decode", DecodeConfig))
+    click.echo(f"decoded {len(summary.decoded)}, already cached {len(summary.skipped)}, failed {len(summary.failures)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic dataset and its tiny CLIP
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("synth")
+@section_overrides
+@click.pass_obj
+def synth(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Generate the built-in synthetic PRVR dataset (mp4 videos and TVR-format captions)."""
+    from stages.extract.synth import SynthConfig, run_synth
+
+    params.use("synth", local_overrides)
+    run_synth(params.base(), params.config("synth", SynthConfig))
+
+
+@cli.command("pretrain-clip")
+@section_overrides
+@click.pass_obj
+def pretrain_clip(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Train the tiny CLIP of the synthetic dataset on synthetic frames and their descriptions."""
+    from stages.train.pretrain_clip import PretrainClipConfig, run_pretrain_clip
+
+    params.use("pretrain_clip", local_overrides)
+    run_pretrain_clip(params.base(), params.config("pretrain_clip", PretrainClipConfig))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ProPy model: official checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("import-checkpoint")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--pyramid", type=click.Path(dir_okay=False), help="Official pyr_configs/*.json (default: cfg_32).")
+@click.option("--clip-weights", type=click.Path(dir_okay=False), help="Existing CLIP file to reference (checked).")
+@click.option("--clip-out", type=click.Path(dir_okay=False), help="Output CLIP file (default: DST.clip.safetensors).")
+def import_checkpoint(src: str, dst: str, pyramid: str | None, clip_weights: str | None, clip_out: str | None) -> None:
+    """Convert an official ProPy checkpoint into ours (trainable weights, model config, CLIP sha256)."""
+    from stages.train.models.propy_import import import_official_checkpoint
+
+    written = import_official_checkpoint(src, dst, pyramid, clip_weights=clip_weights, clip_out=clip_out)
+    click.echo(json.dumps(written, indent=1))
+
+# --------------------------------------------------------------------------------------------------------------
+# CLIP features
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("features")
+@section_overrides
+@click.pass_obj
+def features(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Extract frozen-CLIP features of every cached frame and query into the HDF5 feature store."""
+    from stages.extract.features import FeaturesConfig, run_features
+
+    params.use("features", local_overrides)
+    click.echo(f"wrote {run_features(params.base(), params.config('features', FeaturesConfig))}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ProPy training and model evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("train-propy")
+@section_overrides
+@click.pass_obj
+def train_propy(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Train ProPy on the frame cache (one process, or every rank under torchrun / SLURM); resumes a killed run."""
+    from stages.train.train_propy import TrainPropyConfig, run_train_propy
+
+    params.use("train_propy", local_overrides)
+    click.echo(f"checkpoints in {run_train_propy(params.base(), params.config('train_propy', TrainPropyConfig))}")
+
+
+def _evaluate_propy(params: Params) -> dict[str, Any]:
+    from stages.train.train_propy import EvaluateConfig, TrainPropyConfig, run_evaluate_propy
+
+    return run_evaluate_propy(
+        params.base(), params.config("train_propy", TrainPropyConfig), params.config("evaluate", EvaluateConfig)
+    )
+
+
+def _baseline_config(params: Params, name: str) -> Any:
+    from stages.data.config import config_from_dict
+    from stages.train.train_baseline import BaselineStageConfig
+
+    section = params.section("baselines")
+    if name not in section:
+        raise PipelineError(f"{params.path} has no `baselines.{name}` entry; baselines there: {sorted(section)}")
+    return config_from_dict(BaselineStageConfig, section[name], f"{params.path}:baselines.{name}")
+
+
+def _evaluate_baseline(name: str, params: Params) -> dict[str, Any]:
+    from stages.train.train_baseline import run_evaluate_baseline
+    from stages.train.train_propy import EvaluateConfig
+
+    protocol = params.config("evaluate", EvaluateConfig).protocol
+    return run_evaluate_baseline(params.base(), name, _baseline_config(params, name), protocol)
+
+
+# Model name -> its evaluation (reads the `evaluate` section plus the model's own section).
+EVALUATORS: dict[str, Callable[[Params], dict[str, Any]]] = {
+    "propy": _evaluate_propy,
+    **{name: functools.partial(_evaluate_baseline, name) for name in ("msl", "gmmformer", "prototypes", "clip_mil")},
+}
+
+
+@cli.command("evaluate")
+@click.argument("model", type=click.Choice(sorted(EVALUATORS)))
+@section_overrides
+@click.pass_obj
+def evaluate(params: Params, model: str, local_overrides: tuple[str, ...]) -> None:
+    """Evaluate a trained MODEL on the held-out splits: metrics/<dataset>/<model>.json."""
+    params.use("evaluate", local_overrides)
+    metrics = EVALUATORS[model](params)
+    click.echo(json.dumps({k: metrics[k] for k in ("split", "R1", "R5", "R10", "R100", "SumR") if k in metrics}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature baselines
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("train-baseline")
+@click.argument("name")
+@section_overrides
+@click.pass_obj
+def train_baseline(params: Params, name: str, local_overrides: tuple[str, ...]) -> None:
+    """Train the feature baseline NAME (msl, gmmformer, prototypes) on the CLIP feature store."""
+    from stages.train.train_baseline import run_train_baseline
+
+    params.use("baselines", local_overrides)
+    click.echo(f"wrote {run_train_baseline(params.base(), name, _baseline_config(params, name))}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("report")
+@section_overrides
+@click.pass_obj
+def report(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Write reports/<dataset>.md: every evaluated model beside the papers' numbers for the dataset."""
+    from stages.evaluate.report import ReportConfig, run_report
+
+    params.use("report", local_overrides)
+    click.echo(f"wrote {run_report(params.base(), params.config('report', ReportConfig))}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class BaseConfig:
     cache_dir: str = "cache"
     metrics_dir: str = "metrics"
     clip_weights: str = "cache/synthetic/clip_tiny.safetensors"
+    clip_arch: str = "vit-b-32"  # architecture name of clip_weights (checked on load); names the feature store
 
     @property
     def dataset_cache(self) -> Path:
@@ -39,9 +40,9 @@ class BaseConfig:
         """The zarr v3 frame cache written by `decode`."""
         return self.dataset_cache / "frames.zarr"
 
-    def features_path(self, arch: str) -> Path:
-        """The HDF5 CLIP feature store written by `features`."""
-        return self.dataset_cache / f"clip_{arch}.h5"
+    def features_path(self, arch: str | None = None) -> Path:
+        """The HDF5 CLIP feature store written by `features` (`clip_<arch>.h5`, default arch `clip_arch`)."""
+        return self.dataset_cache / f"clip_{arch or self.clip_arch}.h5"
 
     @property
     def dataset_metrics(self) -> Path:

@@ -15,8 +15,26 @@ VIDEO_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass(frozen=True)
+class VideoPart:
+    """One source video file that a merged video plays from `offset` seconds on (see `Query.parts`)."""
+
+    video_id: str  # the file's id (its name without extension)
+    offset: float  # where it starts on the merged video's timeline, in seconds
+    duration: float  # its duration in seconds
+
+    def to_json(self) -> dict:
+        """The JSON object written in a query's `parts` list."""
+        return {"video_id": self.video_id, "offset": self.offset, "duration": self.duration}
+
+
+@dataclass(frozen=True)
 class Query:
-    """One text query and the moment(s) of its video that it describes."""
+    """One text query and the moment(s) of its video that it describes.
+
+    `parts` is empty for an ordinary video (the file `<video_id>.<ext>`). A merged video (the QVHighlights PRVR
+    re-split) has no file of its own: it is its parts played one after the other, and `duration` and `moments`
+    are on that concatenated timeline. The key `parts` is written only when it is not empty.
+    """
 
     query_id: str
     query: str
@@ -24,10 +42,11 @@ class Query:
     duration: float
     moments: tuple[tuple[float, float], ...]
     split: str
+    parts: tuple[VideoPart, ...] = ()
 
     def to_json(self) -> dict:
         """The JSON object written on one line of the unified file."""
-        return {
+        obj = {
             "query_id": self.query_id,
             "query": self.query,
             "video_id": self.video_id,
@@ -35,6 +54,9 @@ class Query:
             "moments": [list(m) for m in self.moments],
             "split": self.split,
         }
+        if self.parts:
+            obj["parts"] = [part.to_json() for part in self.parts]
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict) -> Query:
@@ -46,6 +68,9 @@ class Query:
             duration=float(obj["duration"]),
             moments=tuple((float(s), float(e)) for s, e in obj["moments"]),
             split=str(obj["split"]),
+            parts=tuple(
+                VideoPart(str(p["video_id"]), float(p["offset"]), float(p["duration"])) for p in obj.get("parts", ())
+            ),
         )
 
 

@@ -215,6 +215,18 @@ def tokenize(texts: list[str], max_words: int) -> torch.Tensor:
     return ids
 
 
+def text_token_features(model: CLIP, text_ids: torch.Tensor) -> torch.Tensor:
+    """Last-layer token features of the frozen text tower: ln_final then the projection at every position.
+
+    `text_ids` [N, L] (L <= context length, zero padded as `tokenize` makes them); returns [N, L, embed_dim]. The
+    row at the EOT position (argmax of the ids) equals `model.encode_text`'s query feature.
+    """
+    length = text_ids.shape[1]
+    x = model.token_embedding(text_ids) + model.positional_embedding[:length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    return model.ln_final(x) @ model.text_projection
+
+
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     """uint8 frames [..., H, W, 3] (on any device) to CLIP-normalised float [..., 3, H, W]."""
     x = frames.movedim(-1, -3).float().div_(255.0)

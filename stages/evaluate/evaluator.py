@@ -1,0 +1,247 @@
+"""Model-agnostic evaluation: encode the corpus once, score in chunks, return PRVR, moment and efficiency metrics.
+
+Every model, ours or imported, is scored by this code through the `RetrievalEncoder` protocol; nothing here imports
+a model. The stage code builds the batches, the ground truth and the encoder, then:
+
+    gt_video, gt_windows = ground_truth(queries, video_ids)
+    metrics = evaluate_encoder(encoder, video_batches, query_batches, gt_video, EvalConfig(split="test"),
+                               durations=durations, gt_windows=gt_windows, module=model)
+    write_metrics(base.dataset_metrics / f"{model_name}.json", metrics)
+
+The metrics file holds R1, R5, R10, R100, SumR, MedR, MeanR at its top level, `moments` ("0.5-r10", ...) when the
+encoder localises, `efficiency` when asked, and the split, query and video counts the numbers come from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from stages.data.errors import PipelineError
+from stages.data.schema import Query
+from stages.evaluate.efficiency import EfficiencyConfig, bytes_per_video, parameter_counts, probe_latency
+from stages.evaluate.metrics import prvr_metrics_from_ranks
+from stages.evaluate.moments import MomentConfig, moment_recalls, predict_moments
+from stages.evaluate.retrieval import ScoreFn, ScoringConfig, rank_ground_truth, resolve_device
+
+SIGNIFICANT_DIGITS = 6
+
+
+@runtime_checkable
+class RetrievalEncoder(Protocol):
+    """What evaluation needs from a model.
+
+    Optional attributes, read when present:
+        unit_windows: [K, 2] normalised [start, end] window of each video unit (enables moment retrieval).
+        score_fn: (queries [q, E], videos [v, K, E]) -> [q, v], when the similarity is not a max-over-units cosine.
+    """
+
+    def encode_videos(self, batch: Any) -> Tensor:
+        """[b, K, E] unit embeddings of a batch of videos (K fixed for the whole corpus)."""
+        ...
+
+    def encode_queries(self, batch: Any) -> Tensor:
+        """[q, E] embeddings of a batch of queries."""
+        ...
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a model is evaluated."""
+
+    split: str = "test"  # the annotation split the numbers come from (written into the metrics)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    moment_retrieval: bool = True  # score weakly supervised moments when the encoder has unit windows
+    moments: MomentConfig = field(default_factory=MomentConfig)
+    measure_efficiency: bool = True  # parameters, storage per video and per-query latency
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+
+
+def ground_truth(queries: Sequence[Query], video_ids: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+    """Each query's ground-truth video index in `video_ids` ([Nq] int64) and its moments ([n, 2] seconds)."""
+    column = {video_id: index for index, video_id in enumerate(video_ids)}
+    missing = [q for q in queries if q.video_id not in column]
+    if missing:
+        raise PipelineError(
+            f"query {missing[0].query_id!r} refers to video {missing[0].video_id!r}, which is not in the evaluated "
+            f"corpus ({len(missing)} such queries); evaluate the split its videos belong to"
+        )
+    gt_video = torch.tensor([column[q.video_id] for q in queries], dtype=torch.long)
+    windows = [torch.tensor(q.moments, dtype=torch.float64).reshape(-1, 2) for q in queries]
+    return gt_video, windows
+
+
+def evaluate_encoder(
+    encoder: RetrievalEncoder,
+    video_batches: Iterable[Any],
+    query_batches: Iterable[Any],
+    gt_video: Tensor,
+    config: EvalConfig,
+    durations: Tensor | None = None,
+    gt_windows: Sequence[Tensor] | None = None,
+    module: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Evaluate one model on one split.
+
+    Args:
+        encoder: the model behind the `RetrievalEncoder` protocol.
+        video_batches: batches for `encode_videos`, in corpus order.
+        query_batches: batches for `encode_queries`, in query order.
+        gt_video: [Nq] corpus index of each query's ground-truth video.
+        config: split, scoring, moment and efficiency settings.
+        durations: [Nv] video durations in seconds (needed for moments).
+        gt_windows: per query, [n, 2] ground-truth moments in seconds (needed for moments; queries without any
+            are left out of the moment recalls).
+        module: the model's nn.Module, for parameter counts (defaults to the encoder if it is one).
+
+    Returns:
+        The metrics dict (see the module docstring).
+    """
+    module = module if module is not None else encoder if isinstance(encoder, nn.Module) else None
+    device = resolve_device(config.scoring.device)
+    score_fn: ScoreFn | None = getattr(encoder, "score_fn", None)
+    with _eval_mode(encoder), torch.inference_mode():
+        videos, _, _ = _encode(encoder.encode_videos, video_batches, device, "videos", ndim=3)
+        queries, first_batch, first_batch_size = _encode(encoder.encode_queries, query_batches, device, "queries")
+        gt_video = torch.as_tensor(gt_video, dtype=torch.long).reshape(-1)
+        if gt_video.shape[0] != queries.shape[0]:
+            raise PipelineError(f"{gt_video.shape[0]} ground-truth videos given for {queries.shape[0]} encoded queries")
+        ranks = rank_ground_truth(queries, videos, gt_video, config.scoring, score_fn)
+        metrics: dict[str, Any] = {
+            "split": config.split,
+            "num_queries": queries.shape[0],
+            "num_videos": videos.shape[0],
+            **prvr_metrics_from_ranks(ranks),
+        }
+        windows = getattr(encoder, "unit_windows", None)
+        if config.moment_retrieval and windows is not None and durations is not None and gt_windows is not None:
+            metrics["moments"] = _moment_metrics(queries, videos, windows, durations, gt_video, gt_windows, config)
+        if config.measure_efficiency:
+            encode_first_batch = functools.partial(encoder.encode_queries, first_batch)
+            metrics["efficiency"] = _efficiency(
+                module, queries[:first_batch_size], videos, encode_first_batch, score_fn, config
+            )
+    return metrics
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Write a metrics dict as JSON atomically: sorted keys, floats rounded to 6 significant digits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        text = json.dumps(_rounded(metrics), indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as exc:
+        raise PipelineError(f"metrics for {path} hold a NaN or infinite value: {exc}") from exc
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _moment_metrics(
+    queries: Tensor,
+    videos: Tensor,
+    windows: Tensor,
+    durations: Tensor,
+    gt_video: Tensor,
+    gt_windows: Sequence[Tensor],
+    config: EvalConfig,
+) -> dict[str, Any]:
+    """Moment recalls over the queries that have ground-truth moments."""
+    if len(gt_windows) != queries.shape[0]:
+        raise PipelineError(f"{len(gt_windows)} ground-truth window lists given for {queries.shape[0]} queries")
+    scored = [i for i, w in enumerate(gt_windows) if w.numel() > 0]
+    if not scored:
+        return {"num_queries": 0}
+    index = torch.tensor(scored, dtype=torch.long)
+    predictions = predict_moments(
+        queries[index.to(queries.device)], videos, windows, durations, config.moments, config.scoring
+    )
+    recalls = moment_recalls(predictions, gt_video[index], [gt_windows[i] for i in scored], config.moments)
+    return {"num_queries": len(scored), **recalls}
+
+
+def _efficiency(
+    module: nn.Module | None,
+    query_batch: Tensor,
+    videos: Tensor,
+    encode_query_batch: Callable[[], Tensor],
+    score_fn: ScoreFn | None,
+    config: EvalConfig,
+) -> dict[str, Any]:
+    """Storage per video, parameters (given a module) and the latency probe (given corpus sizes)."""
+    efficiency: dict[str, Any] = {"bytes_per_video": bytes_per_video(videos.shape[1:], videos.dtype)}
+    if module is not None:
+        efficiency.update(parameter_counts(module))
+    if config.efficiency.corpus_sizes:
+        video_shape = tuple(videos.shape[1:])
+        efficiency.update(
+            probe_latency(
+                query_batch, video_shape, videos.dtype, config.efficiency, config.scoring, score_fn, encode_query_batch
+            )
+        )
+    return efficiency
+
+
+def _encode(
+    encode: Callable[[Any], Tensor], batches: Iterable[Any], device: torch.device, what: str, ndim: int = 2
+) -> tuple[Tensor, Any, int]:
+    """The encoder's outputs over all batches concatenated on `device`, the first batch and its size.
+
+    Every batch must give the same per-item shape.
+    """
+    outputs: list[Tensor] = []
+    first_batch = None
+    for number, batch in enumerate(tqdm(batches, desc=f"encoding {what}", unit="batch", leave=False)):
+        output = encode(batch)
+        if not isinstance(output, Tensor) or output.ndim != ndim:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise PipelineError(f"encoding {what}: batch #{number} gave {shape}, expected a {ndim}-D tensor")
+        if outputs and output.shape[1:] != outputs[0].shape[1:]:
+            raise PipelineError(
+                f"encoding {what}: batch #{number} gave per-item shape {tuple(output.shape[1:])}, earlier batches "
+                f"{tuple(outputs[0].shape[1:])}; pad to one fixed shape"
+            )
+        if not outputs:
+            first_batch = batch
+        outputs.append(output.to(device))
+    if not outputs:
+        raise PipelineError(f"no {what} to evaluate: the batch iterable was empty")
+    return torch.cat(outputs), first_batch, outputs[0].shape[0]
+
+
+@contextlib.contextmanager
+def _eval_mode(encoder: Any) -> Iterator[None]:
+    """Put an nn.Module encoder in eval mode for the block and restore its training flag afterwards."""
+    if not isinstance(encoder, nn.Module):
+        yield
+        return
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        yield
+    finally:
+        encoder.train(was_training)
+
+
+def _rounded(value: Any) -> Any:
+    """Floats of a nested structure rounded to SIGNIFICANT_DIGITS significant digits."""
+    if isinstance(value, float):
+        if value == 0 or not math.isfinite(value):
+            return value
+        return round(value, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(value))))
+    if isinstance(value, dict):
+        return {str(k): _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value

@@ -1,0 +1,159 @@
+"""Video decoding to fixed-rate, square uint8 frames (PyAV or decord), and a small H.264 writer for tests.
+
+The geometry is the same for every decoder: the short side is resized to `size` (bilinear), then the centre
+`size x size` square is cropped, so landscape and portrait videos keep their aspect ratio (the official
+`compress_video.py` squashes portrait videos; we do not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Decoder = Literal["pyav", "decord"]
+RESIZE_POLICY = "short side to {size} px (bilinear), centre crop {size}x{size}"
+
+
+@dataclass(frozen=True)
+class DecodedVideo:
+    """Frames kept at the target rate, and what the source looked like."""
+
+    frames: np.ndarray  # uint8 [T, size, size, 3]
+    source_frames: int  # frames decoded at the source rate
+    source_size: tuple[int, int]  # (width, height)
+    duration: float  # seconds, from the first to the last decoded frame's timestamp
+    frame_interval: float  # seconds between source frames
+    stream_duration: float | None = None  # what the container says, when it says it
+
+
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after scaling the short side to `size` with the aspect ratio kept."""
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def center_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    """The centre `size x size` square of an [H, W, 3] frame whose short side is `size`."""
+    top = (frame.shape[0] - size) // 2
+    left = (frame.shape[1] - size) // 2
+    return frame[top : top + size, left : left + size]
+
+
+class RateSampler:
+    """Keeps, for every tick k / fps, the first frame at or after it (fed presentation times in order).
+
+    A source slower than `fps` keeps every frame (no duplicates), so a 3 fps source decoded at 3 fps keeps all its
+    frames, as the official pipeline does.
+    """
+
+    def __init__(self, fps: float) -> None:
+        self.fps = fps
+        self.start: float | None = None
+        self.next_tick = 0
+
+    def keep(self, time: float) -> bool:
+        """Whether the frame shown at `time` seconds is kept."""
+        self.start = time if self.start is None else self.start
+        position = (time - self.start) * self.fps + 1e-6
+        if position < self.next_tick:
+            return False
+        self.next_tick = int(np.floor(position)) + 1
+        return True
+
+
+def select_frames(times: np.ndarray, fps: float) -> np.ndarray:
+    """Indices of the frames kept at `fps` among frames shown at `times` (seconds, non-decreasing)."""
+    sampler = RateSampler(fps)
+    return np.asarray([i for i, time in enumerate(times) if sampler.keep(float(time))], dtype=np.int64)
+
+
+def uniform_cap(num_frames: int, max_frames: int | None) -> np.ndarray:
+    """Indices of at most `max_frames` frames spread uniformly over `num_frames` (all when no cap applies)."""
+    if max_frames is None or num_frames <= max_frames:
+        return np.arange(num_frames)
+    return np.unique(np.round(np.linspace(0, num_frames - 1, max_frames)).astype(np.int64))
+
+
+def decode_video(path: str | Path, fps: float, size: int, decoder: Decoder = "pyav") -> DecodedVideo:
+    """Decode `path` at `fps` into uint8 [T, size, size, 3]; raises ValueError when no frame can be decoded."""
+    decoded = _decode_pyav(Path(path), fps, size) if decoder == "pyav" else _decode_decord(Path(path), fps, size)
+    if not len(decoded.frames):
+        raise ValueError("no frame could be decoded")
+    expected = decoded.stream_duration
+    if expected and expected - decoded.duration - decoded.frame_interval > max(0.5, 0.02 * expected):
+        raise ValueError(f"truncated or damaged: decoded {decoded.duration:.2f} s of {expected:.2f} s")
+    return decoded
+
+
+def decoder_version(decoder: Decoder) -> str:
+    """`name version` of a decoder, for provenance attributes."""
+    if decoder == "pyav":
+        import av
+
+        return f"pyav {av.__version__} (ffmpeg {av.ffmpeg_version_info})"
+    import decord
+
+    return f"decord {decord.__version__}"
+
+
+def _decode_pyav(path: Path, fps: float, size: int) -> DecodedVideo:
+    import av
+
+    frames: list[np.ndarray] = []
+    sampler = RateSampler(fps)
+    count = width = height = 0
+    time = 0.0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        stream_duration = float(stream.duration * stream.time_base) if stream.duration else None
+        for frame in container.decode(stream):
+            time = float(frame.time) if frame.time is not None else count / rate
+            count += 1
+            if not sampler.keep(time):
+                continue
+            width, height = frame.width, frame.height
+            new_w, new_h = resized_shape(width, height, size)
+            rgb = frame.to_ndarray(width=new_w, height=new_h, format="rgb24", interpolation="BILINEAR")
+            frames.append(np.ascontiguousarray(center_crop(rgb, size)))
+    stacked = np.stack(frames) if frames else np.zeros((0, size, size, 3), np.uint8)
+    return DecodedVideo(stacked, count, (width, height), time - (sampler.start or 0.0), 1 / rate, stream_duration)
+
+
+def _decode_decord(path: Path, fps: float, size: int) -> DecodedVideo:
+    """decord at native resolution, resized with Pillow: decord's own resize fails for some output sizes."""
+    import decord
+    from PIL import Image
+
+    reader = decord.VideoReader(str(path), num_threads=1)
+    count = len(reader)
+    times = reader.get_frame_timestamp(range(count))[:, 0]
+    batch = reader.get_batch(select_frames(times, fps).tolist()).asnumpy()
+    height, width = batch.shape[1:3]
+    new_shape = resized_shape(width, height, size)
+    frames = [center_crop(np.asarray(Image.fromarray(f).resize(new_shape, Image.BILINEAR)), size) for f in batch]
+    stacked = np.stack(frames) if frames else np.zeros((0, size, size, 3), np.uint8)
+    interval = 1 / (reader.get_avg_fps() or 25)
+    return DecodedVideo(stacked, count, (width, height), float(times[-1] - times[0]), interval)
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 23) -> Path:
+    """Encode uint8 [T, H, W, 3] frames (H, W even) as an H.264 mp4 with PyAV (test and benchmark videos)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

@@ -1,0 +1,169 @@
+"""Building blocks shared by the MS-SL code family, with the official parameter names (state dicts load unchanged).
+
+- `InputProjection`: LayerNorm -> Dropout -> Linear -> ReLU (`LayerNorm.*`, `net.1.*`).
+- `PositionalEncoding`: `LN(x + E[0:L])` -> Dropout (`position_embeddings.weight`, `LayerNorm.*`).
+- `AttentionBlock`: one multi-head self-attention sub-layer with residual and post-LN and no feed-forward
+  (`self.{query,key,value}.*`, `output.dense.*`, `output.LayerNorm.*`); optionally with GMMFormer's Gaussian mask
+  that multiplies the scaled logits.
+- `GMMBlock`: the mean of four attention blocks `attn0..attn3` (plain and Gaussian widths 0.5, 1, 5).
+- `attention_pool`: the "modular vector" pooling of a sequence into one vector.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_MASK_FILL = -10000.0  # added to the logits of padded keys
+POOLING_MASK_FILL = -1e10  # pooling logits of padded positions
+GAUSS_SIGMA_DIVISOR = 9.0
+GAUSS_MIN_WIDTH = 0.01
+_GAUSS_NORM = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Official initialisation: Linear/Embedding N(0, 0.02), biases 0, LayerNorm (1, 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class InputProjection(nn.Module):
+    """LayerNorm -> Dropout -> Linear -> ReLU (the official `LinearLayer`)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(in_dim, eps=eps)
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.net(self.LayerNorm(x)))
+
+
+class PositionalEncoding(nn.Module):
+    """Trainable absolute positions counted from the first (padded-batch) position, then LayerNorm and dropout."""
+
+    def __init__(self, max_positions: int, dim: int, dropout: float, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.position_embeddings = nn.Embedding(max_positions, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = self.position_embeddings.weight[: x.shape[1]]
+        return self.dropout(self.LayerNorm(x + positions))
+
+
+@functools.lru_cache(maxsize=64)
+def gaussian_mask(length: int, width: float, device: torch.device | None = None) -> torch.Tensor:
+    """GMMFormer's [L, L] Gaussian logit mask (float32, rows rescaled to max 1), official quirks kept.
+
+    Row i is centred at i / L while the column grid is linspace(0, 1, L) = j / (L - 1), so the peak drifts left.
+    Cached per (length, width, device); the returned tensor must not be modified in place.
+    """
+    centres = (torch.arange(length, dtype=torch.float32, device=device) / length)[:, None]
+    grid = torch.linspace(0, 1, length, dtype=torch.float32, device=device)[None, :]
+    sigma = torch.tensor(max(width, GAUSS_MIN_WIDTH), dtype=torch.float32, device=device) / GAUSS_SIGMA_DIVISOR
+    raw = _GAUSS_NORM / sigma * torch.exp(-((grid - centres) ** 2) / (2 * sigma**2))
+    return raw / raw.max(dim=-1, keepdim=True).values
+
+
+class _SelfAttention(nn.Module):
+    """Multi-head scaled dot-product self-attention (the official `BertSelfAttention`)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, gauss: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if gauss is not None:
+            logits = logits * gauss
+        if mask is not None:
+            logits = logits + (1 - mask[:, None, None, :]) * ATTENTION_MASK_FILL
+        probs = self.dropout(torch.softmax(logits, dim=-1))
+        return (probs @ v).transpose(1, 2).flatten(2)
+
+
+class _SelfOutput(nn.Module):
+    """Linear -> Dropout -> residual -> LayerNorm (the official `BertSelfOutput`)."""
+
+    def __init__(self, dim: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class AttentionBlock(nn.Module):
+    """One self-attention sub-layer with residual and post-LN, no feed-forward (the official `BertAttention`).
+
+    Args:
+        dim: hidden size D.
+        num_heads: attention heads (D must be a multiple).
+        dropout: attention-probability and output dropout.
+        gauss_width: GMMFormer's Gaussian width (None: plain attention); the [L, L] mask multiplies the scaled logits
+            before the key mask is added, L being the (padded) sequence length of the call.
+        eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, dropout: float, gauss_width: float | None = None, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.gauss_width = gauss_width
+        self.self = _SelfAttention(dim, num_heads, dropout)
+        self.output = _SelfOutput(dim, dropout, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, D], mask [B, L] (1 = real key, None = no padding) -> [B, L, D]."""
+        gauss = None if self.gauss_width is None else gaussian_mask(x.shape[1], self.gauss_width, x.device)
+        return self.output(self.self(x, mask, gauss), x)
+
+
+class GMMBlock(nn.Module):
+    """GMMFormer's block: the mean of parallel attention blocks `attn0..` with their own Gaussian widths."""
+
+    def __init__(
+        self, dim: int, num_heads: int, dropout: float, widths: tuple[float | None, ...], eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        for index, width in enumerate(widths):
+            self.add_module(f"attn{index}", AttentionBlock(dim, num_heads, dropout, width, eps))
+
+    def branches(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The output of every branch."""
+        return [branch(x, mask) for branch in self.children()]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack(self.branches(x, mask)).mean(dim=0)
+
+
+def attention_pool(hidden: torch.Tensor, mask: torch.Tensor, scorer: nn.Linear) -> torch.Tensor:
+    """Pool [B, L, D] into [B, D] with softmax weights `scorer(h_t)` over the positions where `mask` is 1."""
+    logits = scorer(hidden).squeeze(-1)
+    logits = logits * mask + (1 - mask) * POOLING_MASK_FILL
+    weights = torch.softmax(logits, dim=-1)
+    return (weights.unsqueeze(-1) * hidden).sum(dim=1)

@@ -1,0 +1,407 @@
+"""Reference checks of MS-SL and GMMFormer against fixtures of the official code (`PREFIX_{official_state_dict.pt,
+config.json,io.npz}`, format in `shared/fixtures/baselines_official/README.md`).
+
+    python pipeline.py verify-reference msl .../baselines_official/mssl_shared
+    python pipeline.py verify-reference gmmformer .../baselines_official/gmmformer_shared
+
+Each check builds our model from the fixture's config, loads the official state dict (identity key mapping, strict),
+runs our preprocessing, datasets and collate on the raw features, our encoders and scores on the preprocessed inputs
+(raw order), and our losses on the official training batch with the recorded negative ranks. It returns one max
+absolute error per group; integer outputs (bins, orders, key clips) count their absolute index differences.
+Negatives are compared by the score at the chosen index, because tied candidates are equally valid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.data.errors import PipelineError
+from stages.data.schema import Query
+from stages.train.models.baselines.base import BaselineConfig, BaselineModel
+from stages.train.models.baselines.data import (
+    QueryBatch,
+    QueryDataset,
+    TrainBatch,
+    VideoBatch,
+    VideoDataset,
+    VideoQueryDataset,
+    collate_queries,
+    collate_train,
+    collate_videos,
+)
+from stages.train.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
+from stages.train.models.baselines.importer import official_state_dict
+from stages.train.models.baselines.layers import gaussian_mask
+from stages.train.models.baselines.losses import NegativeSampling
+from stages.train.models.baselines.msl import MSSL, MSSLConfig, MSSLVideos
+from stages.train.models.baselines.preprocessing import PreprocessConfig, bin_edges, bin_ranges, frame_ranges
+from stages.train.reference import register_reference_check
+
+LOSS_MODES = ("hardest", "random", "hardpool")
+Fixture = tuple[dict[str, Any], dict[str, np.ndarray], dict[str, torch.Tensor]]
+
+
+def load_fixture(prefix: str) -> Fixture:
+    """(config, io arrays, official state dict) of the fixture `prefix`."""
+    paths = {name: Path(f"{prefix}_{name}") for name in ("config.json", "io.npz", "official_state_dict.pt")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise PipelineError(f"fixture files missing: {missing}")
+    config = json.loads(paths["config.json"].read_text())
+    with np.load(paths["io.npz"]) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    state = official_state_dict(torch.load(paths["official_state_dict.pt"], map_location="cpu", weights_only=True))
+    return config, arrays, state
+
+
+def fixture_model_config(cls: type[BaselineConfig], config: dict[str, Any]) -> Any:
+    """Our model config from a fixture's `model_config`, `loss_config` and `inference` sections."""
+    sections = {**config["model_config"], **config["loss_config"], **config["inference"]}
+    known = {name for name in cls.__dataclass_fields__}
+    values = {key: value for key, value in sections.items() if key in known}
+    for key in ("loss_factor", "neg_factor", "gmm_block_widths"):
+        if key in values:
+            values[key] = tuple(values[key])
+    cfg = cls(**values)
+    model_config = config["model_config"]
+    expected = {
+        "attention_head_size": cfg.hidden_size // cfg.n_heads,
+        "num_proposals": cfg.map_size * (cfg.map_size + 1) // 2,
+        "gmm_blocks_per_branch": 2,
+    }
+    for key, value in expected.items():
+        if key in model_config and model_config[key] != value:
+            raise PipelineError(f"fixture config: {key} = {model_config[key]} is not supported (ours: {value})")
+    return cfg
+
+
+def fixture_preprocess_config(config: dict[str, Any]) -> PreprocessConfig:
+    """Our preprocessing config from a fixture's `preprocessing` section."""
+    pre = config["preprocessing"]
+    return PreprocessConfig(
+        map_size=pre["map_size"], max_ctx_l=pre["max_ctx_l"], max_desc_l=pre["max_desc_l"], l2_eps=pre["l2_eps"]
+    )
+
+
+def _max_abs(errors: Iterable[float]) -> float:
+    return float(max(errors, default=0.0))
+
+
+def _diff(ours: torch.Tensor | np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
+    ours_np = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
+    if ours_np.shape != ref.shape:
+        raise PipelineError(f"shape mismatch: ours {ours_np.shape}, fixture {ref.shape}")
+    delta = np.abs(ours_np.astype(np.float64) - ref.astype(np.float64))
+    if mask is not None:
+        delta = delta * mask.reshape(mask.shape + (1,) * (delta.ndim - mask.ndim))
+    return float(delta.max()) if delta.size else 0.0
+
+
+@contextmanager
+def capture_outputs(model: nn.Module, names: Iterable[str]) -> Any:
+    """Record the output of the named submodules (the last call of each) while the context is open."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor, name: str = name) -> None:
+            outputs[name] = output
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _ragged(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    return np.split(values, np.cumsum(counts)[:-1])
+
+
+def preprocessing_errors(config: dict[str, Any], io: dict[str, np.ndarray]) -> dict[str, float]:
+    """Bins, preprocessed inputs and batch orders from the raw features through our datasets and collates."""
+    cfg = fixture_preprocess_config(config)
+    data = config["data"]
+    video_ids, query_ids = data["video_ids"], data["query_ids"]
+    videos = dict(zip(video_ids, _ragged(io["raw_video_feats"], io["raw_video_num_frames"]), strict=True))
+    texts = dict(zip(query_ids, _ragged(io["raw_query_feats"], io["raw_query_num_tokens"]), strict=True))
+
+    bins = [
+        _diff(np.stack([bin_ranges(bin_edges(len(videos[v]), cfg.map_size)) for v in video_ids]), io["pre_clip_bins"])
+    ]
+    bins.append(_diff(np.stack([frame_ranges(len(videos[v]), cfg) for v in video_ids]), io["pre_frame_bins"]))
+    for key in (k for k in io if k.startswith("bins_") and not k.endswith("_T")):
+        size = int(key.split("_")[-1][1:])
+        table = [
+            bin_ranges(bin_edges(int(t), size))
+            if "clip" in key
+            else frame_ranges(int(t), PreprocessConfig(max_ctx_l=size))
+            for t in io[f"{key}_T"]
+        ]
+        bins.append(_diff(np.stack(table), io[key]))
+
+    eval_videos = collate_videos([item for item in VideoDataset(video_ids, videos, cfg)])
+    eval_queries = collate_queries(list(QueryDataset(query_ids, texts, cfg)), sort_by_length=True)
+    row_of = [query_ids.index(qid) for qid in eval_queries.query_ids]
+    restore = np.argsort(row_of)
+    inputs = [
+        _diff(eval_videos.clip_feats, io["pre_clip_feats"]),
+        _diff(eval_videos.frame_feats, io["pre_frame_feats"]),
+        _diff(eval_videos.frame_mask, io["pre_frame_mask"]),
+        _diff(eval_queries.query_feats[restore], io["pre_query_feats"]),
+        _diff(eval_queries.query_mask[restore], io["pre_query_mask"]),
+    ]
+    train = train_batch(config, io, cfg)
+    orders = [
+        _diff(np.array(row_of), io["order_eval_queries"]),
+        _diff(np.array([video_ids.index(v) for v in train.videos.video_ids]), io["order_train_videos"]),
+        _diff(np.array([query_ids.index(q) for q in train.queries.query_ids]), io["order_train_queries"]),
+    ]
+    return {"preprocess_bins": _max_abs(bins), "preprocess_inputs": _max_abs(inputs), "batch_orders": _max_abs(orders)}
+
+
+def train_batch(config: dict[str, Any], io: dict[str, np.ndarray], cfg: PreprocessConfig) -> Any:
+    """The official training batch (all videos, all queries) built by our dataset and collate."""
+    data = config["data"]
+    video_ids, query_ids = data["video_ids"], data["query_ids"]
+    videos = dict(zip(video_ids, _ragged(io["raw_video_feats"], io["raw_video_num_frames"]), strict=True))
+    texts = dict(zip(query_ids, _ragged(io["raw_query_feats"], io["raw_query_num_tokens"]), strict=True))
+    queries = [
+        Query(qid, "fixture", video_ids[vi], 1.0, (), "train")
+        for qid, vi in zip(query_ids, data["query_video"], strict=True)
+    ]
+    dataset = VideoQueryDataset(queries, videos, texts, cfg)
+    return collate_train([dataset[i] for i in range(len(dataset))])
+
+
+def _fixture_batches(io: dict[str, np.ndarray], n_videos: int, n_queries: int) -> tuple[VideoBatch, QueryBatch]:
+    def t(key: str) -> torch.Tensor:
+        return torch.from_numpy(io[key])
+
+    videos = VideoBatch(
+        [f"v{i}" for i in range(n_videos)], t("pre_clip_feats"), t("pre_frame_feats"), t("pre_frame_mask")
+    )
+    queries = QueryBatch(
+        [f"q{i}" for i in range(n_queries)], t("pre_query_feats"), t("pre_query_mask"), t("query_video")
+    )
+    return videos, queries
+
+
+def _encoder_errors(
+    model: BaselineModel,
+    io: dict[str, np.ndarray],
+    groups: dict[str, list[tuple[str, str]]],
+    videos: VideoBatch,
+    queries: QueryBatch,
+) -> tuple[dict[str, float], torch.Tensor, Any]:
+    """Errors of captured module outputs, grouped; also returns the query vectors and video representations."""
+    masks = {"query": io["pre_query_mask"], "frame": io["pre_frame_mask"], "clip": None}
+    modules = [module for group in groups.values() for module, _ in group]
+    with capture_outputs(model, modules) as out:
+        query_vecs = model.encode_queries(queries)
+        encoded = model.encode_videos(videos)
+    errors = {}
+    for group, pairs in groups.items():
+        errors[group] = _max_abs(_diff(out[module], io[key], masks[group.split("_")[0]]) for module, key in pairs)
+    return errors, query_vecs, encoded
+
+
+def _loss_errors(
+    model: BaselineModel, config: dict[str, Any], io: dict[str, np.ndarray], negative_keys: dict[str, str]
+) -> dict[str, float]:
+    """Loss terms of each hard-negative mode on our official-order batch, and the scores at the chosen negatives.
+
+    `negative_keys` maps a negative name (`*_t2v`: query -> video, `*_v2t`: video -> query, `*_row` / `*_col`: query
+    -> query along a row / column) to its score matrix. Ranks are injected (permuted to the batch order) except in
+    the deterministic `hardest` mode, where our own sampler chooses.
+    """
+    data = config["data"]
+    batch = train_batch(config, io, fixture_preprocess_config(config))
+    video_order = np.array([data["video_ids"].index(v) for v in batch.videos.video_ids])
+    query_order = np.array([data["query_ids"].index(q) for q in batch.queries.query_ids])
+    errors: dict[str, float] = {}
+    negative_errors = []
+    for mode in LOSS_MODES:
+        spec = config["loss_modes"][mode]
+        sampling = NegativeSampling(spec["use_hard_negative"], spec["hard_pool_size"])
+        anchor_orders = {name: video_order if name.endswith("v2t") else query_order for name in negative_keys}
+        ranks = None
+        if mode != "hardest":
+            ranks = {name: torch.from_numpy(io[f"rank_{mode}_{name}"][order]) for name, order in anchor_orders.items()}
+        losses, negatives = model(batch, sampling, ranks=ranks)
+        errors[f"loss_{mode}"] = _max_abs(
+            _diff(value, io[f"loss_{mode}_{name}"]) for name, value in losses.items() if f"loss_{mode}_{name}" in io
+        )
+        for name, matrix in negative_keys.items():
+            anchors = anchor_orders[name]
+            targets = (video_order if name.endswith("t2v") else query_order)[negatives[name].numpy()]
+            scores = io[matrix].T if name.endswith(("v2t", "col")) else io[matrix]
+            official = io[f"neg_{mode}_{name}"][anchors]
+            negative_errors.append(float(np.abs(scores[anchors, targets] - scores[anchors, official]).max()))
+    errors["negatives"] = _max_abs(negative_errors)
+    return errors
+
+
+def _check(
+    prefix: str,
+    build: Callable[[dict[str, Any]], BaselineModel],
+    encoder_groups: dict[str, list[tuple[str, str]]],
+    extra: Callable[[BaselineModel, dict[str, np.ndarray], torch.Tensor, Any, dict[str, float]], None],
+    negative_keys: dict[str, str],
+) -> dict[str, float]:
+    config, io, state = load_fixture(prefix)
+    model = build(config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    errors = preprocessing_errors(config, io)
+    videos, queries = _fixture_batches(io, len(config["data"]["video_ids"]), len(config["data"]["query_ids"]))
+    with torch.no_grad():
+        encoder_errors, query_vecs, encoded = _encoder_errors(model, io, encoder_groups, videos, queries)
+        errors |= encoder_errors
+        errors["query_encoder"] = max(errors["query_encoder"], _diff(query_vecs, io["query_vec"]))
+        branches = model.score_branches(query_vecs, encoded)
+        errors["inference_scores"] = _max_abs(
+            [_diff(branches[b], io[f"infer_{b}_scores"]) for b in ("clip", "frame")]
+            + [_diff(model.score(query_vecs, encoded), io["infer_fused_scores"])]
+            + [_diff(branches["key_clip"], io["infer_key_clip"])]
+        )
+        extra(model, io, query_vecs, encoded, errors)
+        errors |= _loss_errors(model, config, io, negative_keys)
+    return errors
+
+
+def _train_score_errors(model: BaselineModel, io: dict[str, np.ndarray], names: dict[str, str]) -> float:
+    videos, queries = _fixture_batches(io, io["pre_clip_feats"].shape[0], io["pre_query_feats"].shape[0])
+    scores = model.training_scores(TrainBatch(videos, queries))
+    return _max_abs(_diff(scores[ours], io[ref]) for ours, ref in names.items())
+
+
+@register_reference_check("msl")
+def check_msl(prefix: str) -> dict[str, float]:
+    """MS-SL against `PREFIX_*`: preprocessing, encoders, proposals, scores, frame attention, losses, negatives."""
+    encoder_groups = {
+        "query_encoder": [
+            ("query_input_proj", "enc_query_proj"),
+            ("query_pos_embed", "enc_query_posemb"),
+            ("query_encoder", "enc_query_tokens"),
+        ],
+        "clip_encoder": [
+            ("clip_input_proj", "enc_clip_proj"),
+            ("clip_pos_embed", "enc_clip_posemb"),
+            ("clip_encoder", "enc_clip"),
+        ],
+        "frame_encoder": [
+            ("frame_input_proj", "enc_frame_proj"),
+            ("frame_pos_embed", "enc_frame_posemb"),
+            ("frame_encoder", "enc_frame"),
+        ],
+    }
+
+    def extra(model: MSSL, io: dict[str, np.ndarray], q: torch.Tensor, videos: Any, errors: dict[str, float]) -> None:
+        parts = MSSLVideos.unpack(videos, model.cfg.max_ctx_l)
+        errors["clip_encoder"] = max(errors["clip_encoder"], _diff(parts.proposals, io["clip_proposals"]))
+        key_clips = model.clip_scores(q, parts)[1]
+        errors["frame_attention"] = _diff(model.frame_features(key_clips, parts), io["infer_frame_attn_feat"])
+        errors["train_scores"] = _train_score_errors(
+            model,
+            io,
+            {
+                "clip": "train_clip_scores",
+                "clip_raw": "train_clip_scores_raw",
+                "frame": "train_frame_scores",
+                "frame_raw": "train_frame_scores_raw",
+                "frame_feat": "train_frame_feat",
+                "key_clip": "train_key_clip",
+            },
+        )
+
+    negative_keys = {
+        "clip_t2v": "train_clip_scores",
+        "clip_v2t": "train_clip_scores",
+        "frame_row": "train_frame_scores",
+        "frame_col": "train_frame_scores",
+    }
+    return _check(prefix, lambda c: MSSL(fixture_model_config(MSSLConfig, c)), encoder_groups, extra, negative_keys)
+
+
+@register_reference_check("gmmformer")
+def check_gmmformer(prefix: str) -> dict[str, float]:
+    """GMMFormer against `PREFIX_*`: preprocessing, GMM blocks and masks, scores, sub-batch padding, losses."""
+    encoder_groups = {
+        "query_encoder": [
+            ("query_input_proj", "enc_query_proj"),
+            ("query_pos_embed", "enc_query_posemb"),
+            ("query_encoder", "enc_query_tokens"),
+        ],
+        "clip_encoder": [
+            ("clip_input_proj", "enc_clip_proj"),
+            ("clip_pos_embed", "enc_clip_posemb"),
+            ("clip_encoder", "enc_clip_1"),
+            ("clip_encoder_2", "enc_clip"),
+        ]
+        + [(f"clip_encoder.attn{i}", f"gmm_clip1_attn{i}") for i in range(4)],
+        "frame_encoder": [
+            ("frame_input_proj", "enc_frame_proj"),
+            ("frame_pos_embed", "enc_frame_posemb"),
+            ("frame_encoder_1", "enc_frame_1"),
+            ("frame_encoder_2", "enc_frame"),
+        ]
+        + [(f"frame_encoder_1.attn{i}", f"gmm_frame1_attn{i}") for i in range(4)],
+    }
+
+    def extra(
+        model: GMMFormer, io: dict[str, np.ndarray], q: torch.Tensor, videos: Any, errors: dict[str, float]
+    ) -> None:
+        frame_vec = GMMFormerVideos.unpack(videos).frame_vec
+        errors["frame_encoder"] = max(errors["frame_encoder"], _diff(frame_vec, io["frame_vec"]))
+        masks = []
+        for key in (k for k in io if k.startswith("gauss_")):
+            length, width = key.split("_")[1:]
+            masks.append(_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
+        errors["gauss_masks"] = _max_abs(masks)
+        sub = io["sub_videos"]
+        sub_batch = VideoBatch(
+            [f"v{i}" for i in sub],
+            torch.from_numpy(io["pre_clip_feats"][sub]),
+            torch.from_numpy(io["sub_frame_feats"]),
+            torch.from_numpy(io["sub_frame_mask"]),
+        )
+        with capture_outputs(model, ["frame_encoder_2"]) as out:
+            sub_encoded = model.encode_videos(sub_batch)
+        errors["sub_batch"] = _max_abs(
+            [
+                _diff(out["frame_encoder_2"], io["sub_enc_frame"], io["sub_frame_mask"]),
+                _diff(GMMFormerVideos.unpack(sub_encoded).frame_vec, io["sub_frame_vec"]),
+                _diff(model.score_branches(q, sub_encoded)["frame"], io["sub_infer_frame_scores"]),
+            ]
+        )
+        errors["train_scores"] = _train_score_errors(
+            model,
+            io,
+            {
+                "clip": "train_clip_scores",
+                "clip_raw": "train_clip_scores_raw",
+                "frame": "train_frame_scores",
+                "frame_raw": "train_frame_scores_raw",
+                "query_vec": "train_query_vec",
+            },
+        )
+
+    negative_keys = {
+        "clip_t2v": "train_clip_scores",
+        "clip_v2t": "train_clip_scores",
+        "frame_t2v": "train_frame_scores",
+        "frame_v2t": "train_frame_scores",
+    }
+    return _check(
+        prefix, lambda c: GMMFormer(fixture_model_config(GMMFormerConfig, c)), encoder_groups, extra, negative_keys
+    )

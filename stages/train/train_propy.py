@@ -1,0 +1,460 @@
+"""The `train_propy` and `evaluate@propy` stages: train ProPy on the frame cache, then score it on held-out splits.
+
+    python pipeline.py train-propy                              # one process (GPU if there is one, else CPU)
+    python pipeline.py train-propy -s lr=1e-3 -s epochs=5       # override keys of the train_propy section
+    torchrun --standalone --nproc_per_node=4 pipeline.py train-propy          # 4 GPUs of one machine
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
+        pipeline.py train-propy                                 # node 0 of 2 (node 1: --node_rank=1)
+    srun python pipeline.py train-propy                         # SLURM (export MASTER_ADDR and MASTER_PORT)
+    python pipeline.py evaluate propy                           # metrics/<dataset>/propy.json
+    dvc repro evaluate@propy                                    # train (if needed) and evaluate
+    dvc exp run -S train_propy.lr=9e-4                          # an experiment: re-runs training and evaluation only
+
+Training follows the official code (docs/propy_official_code.md §4-6): batches of `batch_videos` videos per rank,
+each with all its captions; the symmetric multi-positive InfoNCE over the MIL similarity of the global batch
+(embeddings are all-gathered with gradients across ranks); AdamW with 10 % warm-up and a cosine schedule; gradient
+clipping at 1.0; AMP on GPUs. Frames are read as uint8 from the cache and normalised on the device.
+
+Outputs (`cache/<dataset>/propy/`): `last.pt` (everything needed to resume, written every epoch and every
+`checkpoint_every_steps` updates) and `best.pt` (the selected epoch's trainable parameters and config); the
+per-epoch history `metrics/<dataset>/propy_history.tsv` (a DVC plot). A killed run resumes where its last
+checkpoint was when started again with the same configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from stages.data.config import BaseConfig
+from stages.data.errors import PipelineError
+from stages.data.frame_cache import FrameCache
+from stages.data.frame_dataset import FrameDataset
+from stages.data.schema import Query, read_queries, video_durations
+from stages.evaluate.evaluator import EvalConfig, evaluate_encoder, ground_truth, write_metrics
+from stages.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from stages.train.distributed import (
+    GlobalBatchSampler,
+    WorldInfo,
+    barrier,
+    cleanup_distributed,
+    gather_embeddings,
+    init_distributed,
+    is_main_process,
+    world_info_from_env,
+)
+from stages.train.loop import LoopConfig, Trainer, autocast, autocast_dtype, resolve_device
+from stages.train.models import build_model
+from stages.train.models.clip_backbone import file_sha256, load_clip, normalize_frames, tokenize
+from stages.train.models.propy import ProPy, ProPyConfig, propy_loss
+from stages.train.models.propy_import import load_propy
+from stages.train.optim import WarmupCosine, build_adamw
+
+MODEL_NAME = "propy"
+SELECTION_RULES = {
+    "val": "best epoch by SumR on the validation split",
+    "test": "official: best epoch by SumR on the evaluation split itself (optimistic)",
+    "last": "last epoch (no selection)",
+}
+# Keys that change how fast training runs or where it stops, not what it computes: a checkpoint written under
+# other values of these keys can be resumed.
+_RUNTIME_KEYS = ("checkpoint_every_steps", "max_steps", "num_workers", "device", "eval_batch_videos", "threads")
+
+
+@dataclass(frozen=True)
+class TrainPropyConfig:
+    """The `train_propy` section (paper values per dataset are listed in params.yaml)."""
+
+    model: ProPyConfig = field(default_factory=ProPyConfig)  # structure; frames per video = model.pyramid.num_frames
+    epochs: int = 10
+    batch_videos: int = 24  # videos per rank per step (each with all its captions); global batch = this x ranks
+    lr: float = 8e-4  # peak learning rate
+    warmup: float = 0.1  # fraction of all steps spent warming up linearly from 1e-8
+    weight_decay: float = 0.2  # AdamW decay of every non-bias trainable parameter
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    max_words: int = 32  # tokens per caption, SOT and EOT included
+    tail_fix: bool = False  # False = official TSN sampling (drops each video's last frames); True covers them
+    train_split: str = "train"
+    select_split: str = "val"  # model selection: val | test (official behaviour) | last
+    checkpoint_every_steps: int = 0  # also write last.pt every N updates (0 = after each epoch only)
+    max_steps: int = 0  # stop after N updates in total (time-boxing); a later run resumes. 0 = no limit
+    num_workers: int = 0  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cpu | cuda (the local rank's GPU)
+    amp: bool = True  # mixed precision on GPUs (bf16 where supported, else fp16 with a GradScaler)
+    threads: int = 0  # torch CPU threads per process (0 = torch's default)
+    eval_batch_videos: int = 16  # videos per forward pass when scoring the selection split
+
+    def __post_init__(self) -> None:
+        if self.select_split not in SELECTION_RULES and not self.select_split:
+            raise PipelineError("train_propy.select_split must name a split or be `last`")
+        if self.epochs < 1 or self.batch_videos < 1 or self.max_words < 3:
+            raise PipelineError("train_propy: epochs and batch_videos must be >= 1 and max_words >= 3")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` section: the protocol of every model's evaluation."""
+
+    protocol: EvalConfig = field(default_factory=EvalConfig)  # `protocol.split` is the headline split
+    also_splits: tuple[str, ...] = ("val",)  # further splits, reported under `splits` (PRVR and moments)
+    untrained_reference: bool = True  # also report the model before training (under `untrained`)
+    batch_videos: int = 16  # videos per forward pass
+    batch_queries: int = 256  # queries per forward pass
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The videos of one split (in order of first appearance) and their queries."""
+
+    split: str
+    video_ids: list[str]
+    queries: list[Query]
+
+    def captions(self) -> list[list[str]]:
+        """All captions of each video, in query order."""
+        index = {video_id: i for i, video_id in enumerate(self.video_ids)}
+        captions: list[list[str]] = [[] for _ in self.video_ids]
+        for query in self.queries:
+            captions[index[query.video_id]].append(query.query)
+        return captions
+
+
+def load_corpus(base: BaseConfig, split: str) -> Corpus:
+    """The queries of `split` and their videos, which must all be in the frame cache."""
+    queries = read_queries(base.annotations_path, split)
+    if not queries:
+        raise PipelineError(f"{base.annotations_path} has no queries of split {split!r}; check the split names")
+    video_ids = list(video_durations(queries))
+    cache = FrameCache(base.frames_path)
+    missing = [v for v in video_ids if v not in cache]
+    if missing:
+        raise PipelineError(
+            f"{len(missing)} of the {len(video_ids)} {split} videos are not in the frame cache {base.frames_path} "
+            f"(e.g. {missing[:3]}); run `python pipeline.py decode` and read the reasons in "
+            f"{base.dataset_cache / 'decode_failures.jsonl'}"
+        )
+    return Corpus(split, video_ids, queries)
+
+
+class CaptionCollate:
+    """The official video-centric collate: stacked frames, all captions tokenised, each caption's video index."""
+
+    def __init__(self, captions: Sequence[Sequence[str]], max_words: int) -> None:
+        self.captions, self.max_words = captions, max_words
+
+    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        frames = torch.stack([frames for frames, _ in items])
+        texts = [self.captions[index] for _, index in items]
+        labels = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(t) for t in texts]))
+        return frames, tokenize([c for t in texts for c in t], self.max_words), labels
+
+
+def _loader(dataset: FrameDataset, workers: int, pin: bool, **kwargs: Any) -> DataLoader:
+    context = "forkserver" if workers else None  # zarr/tensorstore handles must not cross a fork
+    return DataLoader(dataset, num_workers=workers, multiprocessing_context=context, pin_memory=pin, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_propy(base: BaseConfig, config: ProPyConfig, device: torch.device) -> ProPy:
+    """ProPy on the frozen CLIP of `base.clip_weights`, its trainable parameters drawn from `base.seed`.
+
+    Training and the untrained reference call this, so both start from the same parameters.
+    """
+    clip, arch = load_clip(base.clip_weights)
+    seed_everything(base.seed)
+    model = build_model(MODEL_NAME, clip=clip, arch=arch, config=config)
+    return model.to(device)
+
+
+class PropyEncoder:
+    """ProPy behind the evaluation protocol: batches of uint8 frames and of caption strings in, embeddings out."""
+
+    def __init__(self, model: ProPy, device: torch.device, dtype: torch.dtype | None, max_words: int) -> None:
+        self.model, self.device, self.dtype, self.max_words = model, device, dtype, max_words
+        self.unit_windows = model.proposals.cpu()
+
+    def encode_videos(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """uint8 frames [b, Nf, S, S, 3] (and their indices) -> event features [b, Ne, E]."""
+        frames = normalize_frames(batch[0].to(self.device, non_blocking=True))
+        with autocast(self.device, self.dtype):
+            return self.model.encode_videos(frames).float()
+
+    def encode_queries(self, texts: list[str]) -> torch.Tensor:
+        """Caption strings -> query features [q, E]."""
+        ids = tokenize(texts, self.max_words).to(self.device)
+        with autocast(self.device, self.dtype):
+            return self.model.encode_queries(ids).float()
+
+
+def evaluate_propy(
+    model: ProPy,
+    base: BaseConfig,
+    corpus: Corpus,
+    protocol: EvalConfig,
+    cfg: TrainPropyConfig,
+    batch_videos: int,
+    batch_queries: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Score `model` on one split with the evaluation package (the corpus is encoded once)."""
+    was_training = model.training
+    model.eval()
+    nf = model.pyramid.num_frames
+    dataset = FrameDataset(FrameCache(base.frames_path), corpus.video_ids, nf, train=False, tail_fix=cfg.tail_fix)
+    videos = _loader(dataset, cfg.num_workers, device.type == "cuda", batch_size=batch_videos)
+    texts = [q.query for q in corpus.queries]
+    query_batches = [texts[i : i + batch_queries] for i in range(0, len(texts), batch_queries)]
+    gt_video, gt_windows = ground_truth(corpus.queries, corpus.video_ids)
+    durations_by_id = video_durations(corpus.queries)
+    durations = torch.tensor([durations_by_id[v] for v in corpus.video_ids], dtype=torch.float64)
+    scoring = dataclasses.replace(protocol.scoring, normalize_units=model.config.normalize_eval)
+    protocol = dataclasses.replace(protocol, split=corpus.split, scoring=scoring)
+    encoder = PropyEncoder(model, device, autocast_dtype(device, cfg.amp), cfg.max_words)
+    try:
+        return evaluate_encoder(encoder, videos, query_batches, gt_video, protocol, durations, gt_windows, model)
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def run_dir(base: BaseConfig) -> Path:
+    """`cache/<dataset>/propy`: the training checkpoints (a DVC output)."""
+    return base.dataset_cache / MODEL_NAME
+
+
+def history_path(base: BaseConfig) -> Path:
+    """The per-epoch history (a DVC plot)."""
+    return base.dataset_metrics / f"{MODEL_NAME}_history.tsv"
+
+
+def run_fingerprint(
+    base: BaseConfig, cfg: TrainPropyConfig, clip_sha256: str, world: WorldInfo, ids: list[str]
+) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be resumed: everything that changes the computation."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_KEYS}
+    settings["model"] = cfg.model.to_dict()
+    settings["global_batch"] = settings.pop("batch_videos") * world.world_size
+    videos = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    return {"seed": base.seed, "clip_sha256": clip_sha256, "train_videos": videos, "config": json.dumps(settings)}
+
+
+def run_train_propy(base: BaseConfig, cfg: TrainPropyConfig) -> Path:
+    """Train ProPy (single process or one rank of torchrun/SLURM) and return the run directory.
+
+    Resumes from `last.pt` when it was written with the same configuration; otherwise starts from scratch.
+    """
+    world = world_info_from_env()
+    device = resolve_device(cfg.device, world)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    init_distributed(device)
+    try:
+        return _train(base, cfg, world, device)
+    finally:
+        cleanup_distributed()
+
+
+def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: torch.device) -> Path:
+    corpus = load_corpus(base, cfg.train_split)
+    select = cfg.select_split != "last"
+    selection_corpus = load_corpus(base, cfg.select_split) if select and is_main_process() else None
+    clip_sha256 = file_sha256(base.clip_weights)
+    model = build_propy(base, cfg.model, device)
+    model.train()
+    nf = model.pyramid.num_frames
+    cache = FrameCache(base.frames_path)
+    dataset = FrameDataset(cache, corpus.video_ids, nf, train=True, tail_fix=cfg.tail_fix, seed=base.seed)
+    sampler = GlobalBatchSampler(len(dataset), cfg.batch_videos, world, base.seed)
+    collate = CaptionCollate(corpus.captions(), cfg.max_words)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_adamw(model.named_parameters(), cfg.lr, cfg.weight_decay)
+    schedule = WarmupCosine(cfg.lr, cfg.epochs * len(sampler), cfg.warmup)
+    loop = LoopConfig(cfg.epochs, len(sampler), cfg.grad_clip, cfg.checkpoint_every_steps, cfg.max_steps)
+    trainer = Trainer(parameters, optimizer, schedule, device, cfg.amp, loop)
+    out = run_dir(base)
+    fingerprint = run_fingerprint(base, cfg, clip_sha256, world, corpus.video_ids)
+    if not _resume(out / "last.pt", fingerprint, model, trainer) and is_main_process():
+        (out / "best.pt").unlink(missing_ok=True)  # selected by another run
+    if trainer.finished:
+        _log(f"train_propy: {out / 'last.pt'} is a finished run of this configuration; nothing to do")
+        if is_main_process():
+            _write_history(history_path(base), trainer.progress.history)
+        return out
+
+    def batches(epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start)
+        loader = _loader(dataset, cfg.num_workers, device.type == "cuda", batch_sampler=sampler, collate_fn=collate)
+        yield from loader
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        frames, text_ids, labels = (t.to(device, non_blocking=True) for t in batch)
+        videos = model.encode_videos(normalize_frames(frames))
+        queries = model.encode_queries(text_ids)
+        videos, queries, labels = gather_embeddings(videos, queries, labels)
+        loss, _, _ = propy_loss(model.similarity(queries, videos), labels)
+        return loss, videos.shape[0]
+
+    def save() -> None:
+        if is_main_process():
+            payload = {
+                "model": MODEL_NAME,
+                "model_config": cfg.model.to_dict(),
+                "clip_sha256": clip_sha256,
+                "trainable": model.trainable_state_dict(),
+                "fingerprint": fingerprint,
+                "rng": capture_rng(),
+                **trainer.state_dict(),
+            }
+            save_checkpoint(out / "last.pt", payload)
+        barrier()
+
+    def end_epoch(record: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {"split": cfg.select_split}
+        if is_main_process():
+            if selection_corpus is not None:
+                protocol = EvalConfig(moment_retrieval=False, measure_efficiency=False)
+                scores = evaluate_propy(
+                    model, base, selection_corpus, protocol, cfg, cfg.eval_batch_videos, 256, device
+                )
+                extra.update(select_R1=scores["R1"], select_SumR=scores["SumR"])
+            best = max((r.get("select_SumR", -1.0) for r in trainer.progress.history), default=-1.0)
+            if not select or extra["select_SumR"] > best:
+                selection = {"split": cfg.select_split, "rule": SELECTION_RULES.get(cfg.select_split, "")}
+                selection.update(epoch=record["epoch"], **{k: v for k, v in extra.items() if k.startswith("select_")})
+                _save_model(out / "best.pt", model, cfg.model, clip_sha256, selection)
+            _write_history(history_path(base), [*trainer.progress.history, {**record, **extra}])
+            score = f", {cfg.select_split} SumR {extra['select_SumR']:.2f}" if select else ""
+            _log(f"epoch {record['epoch']}: loss {record['loss']:.4f}{score}")
+        barrier()
+        return extra
+
+    finished = trainer.fit(batches, loss_fn, save, end_epoch)
+    if is_main_process():
+        _write_history(history_path(base), trainer.progress.history)
+        state = "finished" if finished else f"stopped at step {trainer.progress.step} (max_steps); run again to resume"
+        _log(f"train_propy: {state}; checkpoints in {out}")
+    return out
+
+
+def _resume(path: Path, fingerprint: dict[str, Any], model: ProPy, trainer: Trainer) -> bool:
+    """Load `path` into the model and trainer if it was written by this configuration; return whether it was."""
+    if not path.is_file():
+        return False
+    state = load_checkpoint(path)
+    if state.get("fingerprint") != fingerprint:
+        _log(f"train_propy: {path} was written by another configuration; starting from scratch")
+        return False
+    model.load_trainable_state_dict(state["trainable"])
+    trainer.load_state_dict(state)
+    restore_rng(state["rng"])
+    progress = trainer.progress
+    _log(f"train_propy: resuming from {path} (epoch {progress.epoch + 1}, step {progress.step})")
+    return True
+
+
+def _save_model(path: Path, model: ProPy, config: ProPyConfig, clip_sha256: str, selection: dict[str, Any]) -> None:
+    payload = {
+        "model": MODEL_NAME,
+        "model_config": config.to_dict(),
+        "clip_sha256": clip_sha256,
+        "trainable": model.trainable_state_dict(),
+        "selection": selection,
+    }
+    save_checkpoint(path, payload)
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """The per-epoch records as TSV (epoch, step, loss, lr, split, select_R1, select_SumR), atomically."""
+    columns = ["epoch", "step", "loss", "lr", "split", "select_R1", "select_SumR"]
+    lines = ["\t".join(columns)]
+    for record in history:
+        lines.append("\t".join(_cell(record.get(c, "")) for c in columns))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _log(message: str) -> None:
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def load_trained_propy(base: BaseConfig, device: torch.device) -> tuple[ProPy, dict[str, Any]]:
+    """The selected model of `cache/<dataset>/propy/best.pt` on its frozen CLIP, and how it was selected.
+
+    An imported official checkpoint (`python pipeline.py import-checkpoint`) copied there works too.
+    """
+    path = run_dir(base) / "best.pt"
+    state = load_checkpoint(path)
+    model = load_propy(path, base.clip_weights).to(device)
+    return model, state.get("selection", {"split": "", "rule": f"imported: {state.get('extra', {})}"})
+
+
+def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate the trained ProPy (and, as a reference, the same model before training); write the metrics file."""
+    device = resolve_device(cfg.device, WorldInfo())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, selection = load_trained_propy(base, device)
+    headline = eval_cfg.protocol.split
+
+    def score(model: ProPy, corpus: Corpus, protocol: EvalConfig) -> dict[str, Any]:
+        return evaluate_propy(model, base, corpus, protocol, cfg, eval_cfg.batch_videos, eval_cfg.batch_queries, device)
+
+    corpus = load_corpus(base, headline)
+    metrics = {"model": MODEL_NAME, **score(model, corpus, eval_cfg.protocol)}
+    metrics["chance_R1"] = 100.0 / len(corpus.video_ids)
+    selection["official"] = selection["split"] == headline
+    metrics["selection"] = selection
+    quick = dataclasses.replace(eval_cfg.protocol, measure_efficiency=False)
+    metrics["splits"] = {split: score(model, load_corpus(base, split), quick) for split in eval_cfg.also_splits}
+    if eval_cfg.untrained_reference:
+        untrained = build_propy(base, model.config, device)
+        metrics["untrained"] = score(untrained, corpus, quick)
+    path = base.dataset_metrics / f"{MODEL_NAME}.json"
+    write_metrics(path, metrics)
+    _log(f"evaluate propy: {headline} R1 {metrics['R1']:.2f} SumR {metrics['SumR']:.2f} -> {path}")
+    return metrics

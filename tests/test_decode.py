@@ -1,0 +1,188 @@
+"""The `decode` stage: real videos through dask into the frame cache, re-runs, faults, and a kill in the middle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from stages.data.config import BaseConfig
+from stages.data.errors import PipelineError
+from stages.data.frame_cache import FrameCache, ensure_cache
+from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, failures_path, run_decode
+from stages.extract.video_io import RateSampler, decode_video, select_frames, uniform_cap, write_video
+from tests.videos import make_video, moving_frames, write_annotations
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> Iterator[str]:
+    """One local dask cluster (processes) shared by the tests: they reach it as an existing scheduler address."""
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def _setup(tmp_path: Path, videos: dict[str, float], scheduler: str | None = None) -> tuple[BaseConfig, DecodeConfig]:
+    """Videos of the given lengths (seconds, 10 fps, 96x64) plus annotations naming them."""
+    for i, (vid, seconds) in enumerate(videos.items()):
+        make_video(tmp_path / "videos" / f"{vid}.mp4", seconds, seed=i)
+    base = BaseConfig(dataset="t", cache_dir=str(tmp_path / "cache"))
+    write_annotations(base.annotations_path, list(videos))
+    config = DecodeConfig(video_dir=str(tmp_path / "videos"), size=32, workers=1, timeout_s=60)
+    return base, replace(config, scheduler_address=scheduler)
+
+
+def _mtimes(base: BaseConfig) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in base.frames_path.glob("*/zarr.json")}
+
+
+def test_rate_sampler_keeps_first_frame_at_or_after_each_tick() -> None:
+    assert select_frames(np.arange(30) / 10, 3).tolist() == [0, 4, 7, 10, 14, 17, 20, 24, 27]
+    assert select_frames(np.arange(9) / 3, 3).tolist() == list(range(9))  # a 3 fps source keeps every frame
+    assert select_frames(np.arange(10) / 2, 3).tolist() == list(range(10))  # slower sources are never duplicated
+    sampler = RateSampler(3)
+    assert [sampler.keep(t) for t in (5.0, 5.1, 5.34, 5.4)] == [True, False, True, False]  # relative to the start
+    assert uniform_cap(10, 4).tolist() == [0, 3, 6, 9] and uniform_cap(3, 4).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_portrait_and_landscape_are_cropped_not_squashed(tmp_path: Path, decoder: str) -> None:
+    frames = np.zeros((4, 96, 64, 3), np.uint8)  # portrait 64x96: a white square of 32x32 in the centre
+    frames[:, 32:64, 16:48] = 255
+    decoded = decode_video(write_video(tmp_path / "p.mp4", frames, fps=3, crf=10), fps=3, size=32, decoder=decoder)
+    assert decoded.frames.shape == (4, 32, 32, 3) and decoded.source_size == (64, 96)
+    mask = decoded.frames[0, :, :, 1] > 128  # after scaling to 32x48 and cropping 32x32: square 16x16 in the centre
+    assert mask[10:22, 10:22].all() and not mask[:6].any() and not mask[-6:].any() and not mask[:, :6].any()
+
+
+def test_decode_rerun_and_adding_a_video(tmp_path: Path, scheduler: str) -> None:
+    base, config = _setup(tmp_path, {"a": 2.0, "b": 3.0}, scheduler)
+    summary = run_decode(base, config)
+    assert sorted(summary.decoded) == ["a", "b"] and not summary.failures
+    cache = FrameCache(base.frames_path)
+    assert cache.video_ids() == ["a", "b"] and [cache.num_frames(v) for v in "ab"] == [6, 9]
+    attrs = cache.attrs("b")
+    assert attrs["fps"] == 3.0 and attrs["frame_count"] == 9 and attrs["source"]["frames"] == 30
+    assert len(attrs["source"]["sha256"]) == 64 and attrs["decoder"].startswith("pyav")
+    assert attrs["codec"] == {"name": "zstd", "level": 3} and attrs["resize"].startswith("short side to 32")
+    reference = decode_video(tmp_path / "videos" / "b.mp4", 3, 32).frames
+    np.testing.assert_array_equal(cache.read("b"), reference)
+    assert failures_path(base).read_text() == ""
+
+    before = _mtimes(base)
+    again = run_decode(base, config)  # nothing to do: no cluster, nothing rewritten
+    assert again.decoded == [] and sorted(again.skipped) == ["a", "b"] and _mtimes(base) == before
+
+    os.utime(tmp_path / "videos" / "a.mp4", ns=(1, 1))  # a copy or checkout changes the mtime, not the content
+    assert run_decode(base, config).decoded == [] and _mtimes(base) == before
+
+    make_video(tmp_path / "videos" / "c.mp4", 1.0, seed=9)
+    write_annotations(base.annotations_path, ["a", "b", "c"])
+    added = run_decode(base, config)
+    assert added.decoded == ["c"] and _mtimes(base).items() >= before.items()
+
+    capped = run_decode(base, replace(config, max_frames=4, codec="jpeg"))  # other settings: everything again
+    assert sorted(capped.decoded) == ["a", "b", "c"]
+    cache = FrameCache(base.frames_path)  # a reader caches metadata: open a new one after the cache changed
+    assert [cache.num_frames(v) for v in "abc"] == [4, 4, 3]
+    assert cache.attrs("b")["codec"] == {"name": "jpeg", "quality": 90}
+    assert np.abs(cache.read("b", [0, 3]).astype(int) - reference[[0, 8]]).mean() < 6
+
+
+def test_faulty_videos_go_to_the_manifest_and_never_into_the_cache(tmp_path: Path, scheduler: str) -> None:
+    base, config = _setup(tmp_path, {"good": 2.0, "source": 6.0}, scheduler)
+    videos = tmp_path / "videos"
+    (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    (videos / "empty.mp4").write_bytes(b"")
+    whole = (videos / "source.mp4").read_bytes()
+    (videos / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    fast_start = tmp_path / "fs.mp4"  # index first, so a cut file still opens and decodes part of the frames
+    with av.open(str(fast_start), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for frame in moving_frames(60, 96, 64):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    data = fast_start.read_bytes()
+    (videos / "cut.mp4").write_bytes(data[: len(data) // 2])
+    (videos / "locked.mp4").write_bytes(whole)
+    (videos / "locked.mp4").chmod(0)
+    bad = ["corrupt", "cut", "empty", "truncated"] + ([] if os.geteuid() == 0 else ["locked"])
+    write_annotations(base.annotations_path, ["good", "source", *bad])
+
+    with pytest.raises(PipelineError, match=rf"{len(bad)} video\(s\) could not be decoded.*decode_failures.jsonl"):
+        run_decode(base, config)
+    assert FrameCache(base.frames_path).video_ids() == ["good", "source"]  # the rest was still finished
+    records = [json.loads(line) for line in failures_path(base).read_text().splitlines()]
+    assert [r["video_id"] for r in records] == sorted(bad)
+    reasons = {r["video_id"]: r["reason"] for r in records}
+    assert "empty file" in reasons["empty"] and "truncated" in reasons["cut"]
+    assert all(r["path"].endswith(f"{r['video_id']}.mp4") for r in records)
+    assert not any((base.frames_path.parent / "frames.zarr.partial").glob("*"))
+
+    tolerant = run_decode(base, replace(config, max_failures=len(bad)))
+    assert tolerant.decoded == [] and len(tolerant.failures) == len(bad)
+
+
+def test_missing_video_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    base, config = _setup(tmp_path, {"here": 1.0})
+    write_annotations(base.annotations_path, ["here", "gone"])
+    with pytest.raises(PipelineError, match=r"gone\.mp4"):
+        run_decode(base, config)
+    assert FrameCache(base.frames_path).video_ids() == []
+
+
+def test_timeout_kills_the_decoder_and_leaves_nothing(tmp_path: Path) -> None:
+    base, config = _setup(tmp_path, {"slow": 8.0})
+    ensure_cache(base.frames_path)
+    job = DecodeJob(
+        "slow", str(tmp_path / "videos" / "slow.mp4"), str(base.frames_path), replace(config, timeout_s=0.01)
+    )
+    outcome = decode_task(job)
+    assert outcome.reason is not None and outcome.reason.startswith("timeout")
+    assert FrameCache(base.frames_path).video_ids() == []
+    done = decode_task(DecodeJob("slow", job.source, job.cache_path, config))
+    assert done.reason is None and done.frames == 24 and FrameCache(base.frames_path).num_frames("slow") == 24
+
+
+def test_killed_run_resumes_without_redoing_or_corrupting(tmp_path: Path, scheduler: str) -> None:
+    videos = {f"v{i}": 4.0 for i in range(10)}
+    base, config = _setup(tmp_path, videos)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"base: {{dataset: t, cache_dir: {base.cache_dir}}}\n"
+        f"decode: {{video_dir: {config.video_dir}, size: 96, workers: 1, max_failures: 0}}\n"
+    )
+    command = [sys.executable, str(REPO / "pipeline.py"), "--params", str(params), "decode"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    cache = FrameCache(base.frames_path)
+    deadline = time.monotonic() + 60
+    while len(cache.video_ids()) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the stage, its dask scheduler and workers, and any decoder child
+    process.wait()
+    survivors = _mtimes(base)
+    assert 3 <= len(survivors) < len(videos), "the kill should land in the middle of the run"
+    for vid in survivors:  # whatever is visible is complete
+        assert cache.read(vid).shape == (12, 96, 96, 3)
+
+    rerun = run_decode(base, replace(config, size=96, scheduler_address=scheduler))
+    assert sorted(rerun.skipped) == sorted(survivors) and len(rerun.decoded) == len(videos) - len(survivors)
+    assert FrameCache(base.frames_path).video_ids() == sorted(videos)
+    assert _mtimes(base).items() >= survivors.items()  # complete videos were not redone
+    reference = decode_video(tmp_path / "videos" / "v7.mp4", 3, 96).frames
+    np.testing.assert_array_equal(FrameCache(base.frames_path).read("v7"), reference)
