@@ -283,7 +283,8 @@ def train_propy(params: Params, local_overrides: tuple[str, ...]) -> None:
 
 
 def _evaluate_propy(params: Params) -> dict[str, Any]:
-    from stages.train.train_propy import EvaluateConfig, TrainPropyConfig, run_evaluate_propy
+    from stages.evaluate.evaluator import EvaluateConfig
+    from stages.train.train_propy import TrainPropyConfig, run_evaluate_propy
 
     return run_evaluate_propy(
         params.base(), params.config("train_propy", TrainPropyConfig), params.config("evaluate", EvaluateConfig)
@@ -301,11 +302,11 @@ def _baseline_config(params: Params, name: str) -> Any:
 
 
 def _evaluate_baseline(name: str, params: Params) -> dict[str, Any]:
+    from stages.evaluate.evaluator import EvaluateConfig
     from stages.train.train_baseline import run_evaluate_baseline
-    from stages.train.train_propy import EvaluateConfig
 
-    protocol = params.config("evaluate", EvaluateConfig).protocol
-    return run_evaluate_baseline(params.base(), name, _baseline_config(params, name), protocol)
+    evaluation = params.config("evaluate", EvaluateConfig)
+    return run_evaluate_baseline(params.base(), name, _baseline_config(params, name), evaluation)
 
 
 # Model name -> its evaluation (reads the `evaluate` section plus the model's own section).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,7 +11,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests use tiny models: one intra-op thread is faster and reproducible
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,15 +23,6 @@ def fixtures_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference fixtures not found at {path} (set PRVR_FIXTURES)")
     return path
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Run a test on one intra-op thread: tiny models run several times faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,6 @@ from stages.train.bert_adam import BertAdam, bert_param_groups, warmup_linear
 from stages.train.models.baselines.gmmformer import GMMFormer, GMMFormerConfig
 from stages.train.models.baselines.msl import MSSL, MSSLConfig
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def test_warmup_linear_schedule() -> None:
     assert warmup_linear(0.0, 0.01) == 0.0

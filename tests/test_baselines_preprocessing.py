@@ -29,8 +29,6 @@ from stages.train.models.baselines.preprocessing import (
 
 CFG = PreprocessConfig(map_size=8, max_ctx_l=16, max_desc_l=30)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def io(fixtures_dir: Path) -> dict[str, np.ndarray]:

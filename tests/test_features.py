@@ -9,7 +9,14 @@ import torch
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStore
-from stages.data.frame_cache import FrameCache, FrameStorage, ensure_cache, publish_video, write_video
+from stages.data.frame_cache import (
+    FrameCache,
+    FrameStorage,
+    ensure_cache,
+    new_staging_path,
+    publish_video,
+    write_video,
+)
 from stages.data.schema import Query, write_queries
 from stages.extract.features import FeaturesConfig, run_features
 from stages.train.models.clip_backbone import file_sha256, load_clip, normalize_frames, tokenize
@@ -26,7 +33,9 @@ def dataset(tmp_path, tiny_clip_weights) -> BaseConfig:
     rng = np.random.default_rng(0)
     for video_id, count in VIDEO_FRAMES.items():
         frames = rng.integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
-        publish_video(write_video(base.frames_path, video_id, frames, {}, FrameStorage()), base.frames_path, video_id)
+        staged = new_staging_path(base.frames_path, video_id)
+        write_video(staged, frames, {}, FrameStorage())
+        publish_video(staged, base.frames_path, video_id)
     queries = [
         Query("q1", "a red square moves left", "vid_a", 2.0, ((0.0, 1.0),), "train"),
         Query("q2", "a blue circle grows", "vid_b", 1.0, ((0.0, 0.5),), "test"),

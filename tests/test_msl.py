@@ -29,8 +29,6 @@ from stages.train.reference import TOLERANCE, run_reference_check
 
 SMALL = MSSLConfig(visual_input_size=12, query_input_size=10, hidden_size=16, max_ctx_l=8, max_desc_l=6, map_size=4)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def prefix(fixtures_dir: Path) -> str:

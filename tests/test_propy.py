@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,6 +25,7 @@ from stages.train.models.propy_import import (
     export_official_clip,
     load_official_state,
     load_propy,
+    propy_reference_check,
 )
 from stages.train.models.pyramid import PyramidConfig
 from stages.train.reference import TOLERANCE
@@ -65,7 +67,7 @@ def test_postfix_prompts_are_dead_unless_fixed(official_model) -> None:
             model.postfix_proj.weight.add_(torch.randn_like(model.postfix_proj.weight))
             after = model.encode_queries(ids)
             assert torch.equal(before, after) != fixed
-            model.prefix_proj.bias.add_(1.0)  # prefix prompts always matter
+            model.prefix_proj.bias.add_(torch.randn_like(model.prefix_proj.bias))  # prefix prompts always matter
             assert not torch.allclose(after, model.encode_queries(ids))
 
 
@@ -123,16 +125,21 @@ def test_clip_is_shared_frozen_and_gradients_reach_every_trainable_part(official
     logits = model.similarity(model.encode_queries(ids), model.encode_videos(video))
     propy_loss(logits, torch.tensor([0, 1, 1]))[0].backward()
     assert all(p.grad is None for p in model.clip.parameters())
+    last_adapter = f"adapters.{model.arch.vision_layers - 1}."  # dead: the last layer's frame outputs are unused
     for name, param in model.named_parameters():
-        if not name.startswith("clip."):
+        if not name.startswith(("clip.", last_adapter)):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
+        elif name.startswith(last_adapter):
+            assert param.grad is None, name
 
 
 def test_trainable_parameter_count_of_the_paper_model() -> None:
-    model = ProPy(ClipArch().build(), ClipArch(), ProPyConfig())
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = ProPy(ClipArch().build(), ClipArch(), ProPyConfig())
+        charades = ProPy(model.clip, ClipArch(), ProPyConfig(adapter_kernel=3))
     assert sum(v.numel() for v in model.trainable_state_dict().values()) == 7_975_936  # official table, k_t = 5
-    charades = ProPy(model.clip, ClipArch(), ProPyConfig(adapter_kernel=3))
     assert sum(v.numel() for v in charades.trainable_state_dict().values()) == 7_975_936 - 12 * 384 * 2
+    assert model.proposals.shape == (42, 2) and model.fast_mask.shape == (42, 42 + 4 + 50 * 32)
 
 
 def test_attention_maps_on_request_leave_features_unchanged(official_model) -> None:
@@ -202,3 +209,53 @@ def test_registry_presets_and_params_yaml(tiny_clip_weights) -> None:
     section = yaml.safe_load(Path("params.yaml").read_text())["train_propy"]["model"]
     assert ProPyConfig.from_dict(section) == ProPyConfig()
     assert ProPyConfig.from_dict(ProPyConfig.preset("dgl_mil").to_dict()) == ProPyConfig.preset("dgl_mil")
+
+
+def test_any_official_shape_imports(tmp_path) -> None:
+    """An official-layout checkpoint of another shape (3 layers, Nvp 2, kernel 5, Nf 8 offset pyramid) round-trips."""
+    torch.manual_seed(0)
+    arch = ClipArch(embed_dim=24, vision_width=64, vision_layers=3, patch_size=16, image_size=32, text_width=64,
+                    text_layers=2, context_length=16, vocab_size=50)  # fmt: skip
+    pyramid = PyramidConfig(num_frames=8, offset=(1, 1, 1))
+    ours = ProPy(arch.build(), arch, ProPyConfig(pyramid=pyramid, num_visual_prompts=2, adapter_channels=8))
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.2)
+    layers, nvp, width = 3, 2, 64
+    state = {f"clip.{k}": v for k, v in ours.clip.state_dict().items() if k != "attn_mask"}
+    state["clip.visual.global_prompts"] = ours.event_prompts.detach()[None]
+    state["clip.visual_prompt_embedding"] = ours.visual_prompts.detach().transpose(0, 1).reshape(1, nvp, layers * width)
+    for name, value in ours.trainable_state_dict().items():
+        if name.startswith(("prefix_proj", "postfix_proj")):
+            state[f"clip.{name}"] = value
+        elif name.startswith("adapters."):
+            block, rest = name.removeprefix("adapters.").split(".", 1)
+            state[f"clip.visual.transformer.resblocks.{block}.temp_adapter.{rest}"] = value
+    torch.save(
+        {"state_dict": state, "epoch": 1, "global_step": 0, "arch": "CLIP4Clip"}, tmp_path / "x_official_ckpt.pth.tar"
+    )
+    config = {"pyr_config": {"Nf": 8, "offset": [1, 1, 1]}, "Nvp": nvp, "temp_kernel_sz": 5, "vision_layers": layers}
+    (tmp_path / "x_config.json").write_text(json.dumps(config))
+    video = torch.randn(2, 8, 3, 32, 32)
+    ids = torch.tensor([[48, 3, 4, 49], [48, 7, 49, 0], [48, 9, 10, 49]])
+    labels = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        text, (events, maps) = ours.encode_queries(ids), ours.forward_visual(video, need_weights=True)
+        logits, best = ours.similarity(text, events, return_best_event=True)
+    copies = ours.prompt_copies  # the official maps hold every copy: spread each prompt's weight evenly over them
+    ne = ours.pyramid.num_events
+    official_maps = torch.cat(
+        [maps[..., :ne], (maps[..., ne : ne + nvp] / copies).repeat_interleave(copies, -1), maps[..., ne + nvp :]], -1
+    )
+    loss, t2v, v2t = propy_loss(logits, labels)
+    arrays = {"video": video, "text_ids": ids, "text_labels": labels, "text_features": text, "event_features": events,
+              "logits": logits, "best_event": best, "loss": loss, "t2v_loss": t2v, "v2t_loss": v2t,
+              "attn_weights": official_maps}  # fmt: skip
+    np.savez(tmp_path / "x_io.npz", **{k: v.numpy() for k, v in arrays.items()})
+    errors = propy_reference_check(str(tmp_path / "x"))
+    assert max(errors.values()) <= TOLERANCE, errors
+    config["Nvp"] = 4
+    (tmp_path / "x_config.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match="Nvp=4"):
+        propy_reference_check(str(tmp_path / "x"))

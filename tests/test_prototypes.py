@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -75,15 +74,6 @@ def tiny_batch(num_videos: int = 6, seed: int = 0) -> TrainBatch:
 
 def losses_of(model: Prototypes, batch: TrainBatch, seed: int = 0) -> dict[str, torch.Tensor]:
     return model(batch, NegativeSampling(), torch.Generator().manual_seed(seed))[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add synchronisation (10x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

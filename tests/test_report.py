@@ -32,7 +32,7 @@ def test_report_rows_and_paper_tables(tmp_path) -> None:
     msl["moments"] = {"0.5-r10": 12.5}
     (base.dataset_metrics / "msl.json").write_text(json.dumps(msl))
     (base.dataset_metrics / "propy.json").write_text(
-        json.dumps({**_metrics("val", 150.0), "references": {"untrained": _metrics("val", 20.0)}})
+        json.dumps({**_metrics("val", 150.0), "untrained": _metrics("val", 20.0)})
     )
     (base.dataset_metrics / "propy_history.json").write_text(json.dumps([{"epoch": 1}]))  # not a result: skipped
     text = run_report(base, ReportConfig(output_dir=str(tmp_path / "reports"))).read_text()

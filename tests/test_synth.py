@@ -100,10 +100,11 @@ def test_rerun_regenerates_only_missing_or_changed_videos(tmp_path: Path) -> Non
     cfg = replace(TINY, root=str(tmp_path), train_videos=2, val_videos=1, test_videos=1)
     run_synth(BaseConfig(), cfg)
     (cfg.videos_dir / "synth_train_0001.mp4").unlink()
+    (cfg.videos_dir / "synth_val_0000.mp4").write_bytes(b"corrupt")
     (cfg.videos_dir / "synth_test_0000.mp4.part").write_bytes(b"interrupted")
     (cfg.videos_dir / "synth_test_0007.mp4").write_bytes(b"stale")
     counts = run_synth(BaseConfig(), cfg)
-    assert (counts["written"], counts["skipped"], counts["removed"]) == (1, 3, 1)
+    assert (counts["written"], counts["skipped"], counts["removed"]) == (2, 2, 1)
     assert sorted(p.name for p in cfg.videos_dir.iterdir()) == [
         "synth_test_0000.mp4",
         "synth_train_0000.mp4",

@@ -11,12 +11,12 @@ from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStoreInfo, FeatureStoreWriter
 from stages.data.schema import Query, write_queries
-from stages.evaluate.evaluator import EvalConfig
+from stages.evaluate.evaluator import EvalConfig, EvaluateConfig
 from stages.train.baseline_training import BaselineTrainConfig
 from stages.train.train_baseline import BaselineStageConfig, run_evaluate_baseline, run_train_baseline
 
 DIM = 16
-PROTOCOL = EvalConfig(split="test", moment_retrieval=False, measure_efficiency=False)
+PROTOCOL = EvaluateConfig(EvalConfig(split="test", moment_retrieval=False, measure_efficiency=False), batch_videos=5)
 
 
 @pytest.fixture()
@@ -63,6 +63,7 @@ def test_train_save_reload_evaluate_msl(base: BaseConfig) -> None:
     assert record["model_config"]["visual_input_size"] == DIM and len(record["history"]) >= 1
     metrics = run_evaluate_baseline(base, "msl", cfg, PROTOCOL)
     assert 0.0 <= metrics["R1"] <= 100.0 and metrics["selection"]["split"] == "val"
+    assert set(metrics["splits"]) == {"val"} and metrics["untrained"]["num_videos"] == 12
     changed = BaselineStageConfig(model={**cfg.model, "hidden_size": 64}, train=cfg.train)
     with pytest.raises(PipelineError, match="another model config"):
         run_evaluate_baseline(base, "msl", changed, PROTOCOL)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,13 +17,13 @@ from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameStorage, ensure_cache, new_staging_path, publish_video, write_video
 from stages.data.schema import Query, write_queries
+from stages.evaluate.evaluator import EvaluateConfig
 from stages.train.checkpoint import load_checkpoint
 from stages.train.models.clip_backbone import tokenize
 from stages.train.models.propy import ProPyConfig
 from stages.train.models.pyramid import PyramidConfig
 from stages.train.train_propy import (
     CaptionCollate,
-    EvaluateConfig,
     TrainPropyConfig,
     run_dir,
     run_evaluate_propy,
@@ -67,15 +66,6 @@ def make_dataset(root: Path, clip_weights: Path) -> BaseConfig:
     return base
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and far faster than two on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def toy_base(tmp_path: Path, tiny_clip_weights: Path) -> BaseConfig:
     return make_dataset(tmp_path / "a", tiny_clip_weights)
@@ -102,7 +92,7 @@ def test_killed_run_resumes_to_the_same_parameters(toy_base: BaseConfig, tmp_pat
     run_train_propy(other, replace(TOY, max_steps=3, checkpoint_every_steps=2))  # stops in the middle of epoch 2
     stopped = load_checkpoint(run_dir(other) / "last.pt")
     assert stopped["progress"]["step"] == 3 and stopped["progress"]["epoch"] == 0
-    run_train_propy(other, TOY)  # a fresh start finds last.pt and resumes
+    run_train_propy(other, replace(TOY, num_workers=2))  # a fresh start resumes (loader workers change nothing)
     resumed = load_checkpoint(run_dir(other) / "last.pt")
     assert resumed["progress"]["step"] == 8 and resumed["progress"]["epoch"] == 2
 
@@ -175,3 +165,14 @@ def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(
         # Adam normalises each gradient, so float noise on near-zero gradients moves a weight by up to ~lr * 1e-2
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5)
     assert load_checkpoint(run_dir(ranks) / "last.pt")["progress"]["step"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_with_amp_then_evaluation(toy_base: BaseConfig) -> None:
+    cfg = replace(TOY, device="cuda", amp=True, epochs=1)
+    run_train_propy(toy_base, cfg)
+    state = load_checkpoint(run_dir(toy_base) / "last.pt")
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+    metrics = run_evaluate_propy(toy_base, cfg, replace(EvaluateConfig(), also_splits=()))
+    assert metrics["num_videos"] == SPLITS["test"]

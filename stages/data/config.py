@@ -111,6 +111,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return {_coerce(key_t, k, where): _coerce(val_t, v, f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise PipelineError(f"{where}: expected a number, got {value!r}") from None
     if isinstance(hint, type):
         if hint is int and isinstance(value, bool):
             raise PipelineError(f"{where}: expected an integer, got {value!r}")

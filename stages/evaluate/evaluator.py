@@ -68,6 +68,17 @@ class EvalConfig:
     efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` section of params.yaml: the protocol every model is evaluated with."""
+
+    protocol: EvalConfig = field(default_factory=EvalConfig)  # `protocol.split` is the headline split
+    also_splits: tuple[str, ...] = ("val",)  # further splits, reported under `splits` (PRVR and moments)
+    untrained_reference: bool = True  # also report the model before training (under `untrained`)
+    batch_videos: int = 16  # videos per forward pass
+    batch_queries: int = 256  # queries per forward pass
+
+
 def ground_truth(queries: Sequence[Query], video_ids: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
     """Each query's ground-truth video index in `video_ids` ([Nq] int64) and its moments ([n, 2] seconds)."""
     column = {video_id: index for index, video_id in enumerate(video_ids)}

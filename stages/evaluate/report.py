@@ -95,8 +95,10 @@ def _our_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for name, result in results.items():
         rows.append({"model": name, "features": result.get("feature_source", "?"), **result})
-        for label, reference in result.get("references", {}).items():
-            rows.append({"model": f"{name} ({label})", "features": result.get("feature_source", "?"), **reference})
+        if result.get("untrained"):
+            rows.append(
+                {"model": f"{name} (untrained)", "features": result.get("feature_source", "?"), **result["untrained"]}
+            )
     return rows
 
 

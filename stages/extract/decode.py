@@ -15,6 +15,7 @@ stage at any moment and running it again finishes only the remaining videos. Fai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from stages.data.frame_cache import (
     ensure_cache,
     new_staging_path,
     publish_video,
+    staging_dir,
     write_video,
 )
 from stages.data.schema import read_queries
@@ -130,6 +132,8 @@ def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
         DecodeJob(vid, str(sources[vid].resolve()), str(cache_path), config) for vid in video_ids if vid not in skipped
     ]
     outcomes = _run_jobs(jobs, config, done_before=len(skipped)) if jobs else []
+    with contextlib.suppress(OSError):  # the staging folder is empty unless a worker was killed mid-write
+        staging_dir(cache_path).rmdir()
     failures = [outcome for outcome in outcomes if outcome.reason is not None]
     _write_failures(failures_path(base), failures)
     if len(failures) > config.max_failures:

@@ -82,6 +82,7 @@ class SynthConfig:
     distractors: tuple[int, int] = (1, 2)  # uncaptioned drifting shapes per video (min, max)
     captions: tuple[int, int] = (3, 5)  # captions per video (min, max)
     run_weights: tuple[float, ...] = (0.5, 0.35, 0.15)  # probability that a caption covers 1, 2, 3 events
+    place_words: float = 0.5  # probability that a caption names where its subject is (`a red square on the left`)
     crf: int = 20  # libx264 quality
     preset: str = "veryfast"  # libx264 speed preset
     workers: int = 2  # processes encoding videos (1: in this process)
@@ -337,11 +338,11 @@ def _captions(rng: np.random.Generator, events: list[Event], cfg: SynthConfig) -
     count = min(int(rng.integers(cfg.captions[0], cfg.captions[1] + 1)), len(runs))
     chosen = rng.choice(len(runs), size=count, replace=False, p=weights / weights.sum())
     picked = sorted(runs[i] for i in chosen)
-    return tuple(Caption(_describe(rng, events[f : f + n]), f, f + n - 1) for f, n in picked)
+    return tuple(Caption(_describe(rng, events[f : f + n], cfg.place_words), f, f + n - 1) for f, n in picked)
 
 
-def _describe(rng: np.random.Generator, run: list[Event]) -> str:
-    """`a red square moves left, then grows and then a small blue circle blinks`."""
+def _describe(rng: np.random.Generator, run: list[Event], place_probability: float) -> str:
+    """`a red square on the left moves up, then grows and then a small blue circle blinks`."""
     clauses = []
     for index, event in enumerate(run):
         verb = VERBS[event.action][rng.integers(len(VERBS[event.action]))].format(detail=event.detail)
@@ -350,7 +351,10 @@ def _describe(rng: np.random.Generator, run: list[Event]) -> str:
             continue
         article = "the" if any(e.actor == event.actor for e in run[:index]) else "a"
         with_size = bool(event.before.size_word) and rng.random() < 0.3
-        clauses.append(f"{event.before.noun_phrase(article, with_size)} {verb}")
+        subject = event.before.noun_phrase(article, with_size)
+        if rng.random() < place_probability:
+            subject += " " + (event.after if event.action == "appear" else event.before).place_words
+        clauses.append(f"{subject} {verb}")
     text = clauses[0]
     for clause in clauses[1:]:
         text += CONNECTORS[rng.integers(len(CONNECTORS))] + clause

@@ -86,13 +86,11 @@ class Trainer:
         amp: bool,
         cfg: LoopConfig,
     ) -> None:
-        self.parameters, self.optimizer, self.schedule, self.device, self.cfg = (
-            parameters,
-            optimizer,
-            schedule,
-            device,
-            cfg,
-        )
+        self.parameters = parameters
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.device = device
+        self.cfg = cfg
         self.dtype = autocast_dtype(device, amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.progress = LoopProgress()
@@ -166,7 +164,8 @@ class Trainer:
                 progress.step_in_epoch += 1
                 progress.loss_sum += loss
                 rate = items_seen / max(1e-9, time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.schedule.lr(progress.step - 1):.2e}", it=f"{rate:.1f}/s")
+                lr = self.schedule.lr(progress.step - 1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.1f} items/s")
                 bar.update()
                 stop = cfg.max_steps and progress.step >= cfg.max_steps
                 if stop or (cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0):

@@ -60,7 +60,7 @@ class PretrainClipConfig:
     objects: tuple[int, int] = (1, 3)  # shapes per frame (min, max)
     sizes: tuple[float, float] = (0.07, 0.22)  # shape radius range, in units of the frame side
     eval_frames: int = 500  # held-out frames for the recall
-    threads: int = 2  # torch CPU threads
+    threads: int = 1  # torch CPU threads (2 was 4x slower per step whenever another process shared the 2 cores)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2 or self.eval_frames < 2:

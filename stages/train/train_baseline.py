@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -27,7 +28,7 @@ from stages.data.config import BaseConfig, config_from_dict
 from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStore
 from stages.data.schema import read_queries
-from stages.evaluate.evaluator import EvalConfig, evaluate_encoder, ground_truth, write_metrics
+from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.evaluate.retrieval import resolve_device
 from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
 from stages.train.models import build_model
@@ -105,29 +106,48 @@ def run_train_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig) ->
     return out
 
 
-def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig, protocol: EvalConfig) -> dict:
-    """Evaluate baseline `name` with the shared protocol and write metrics/<dataset>/<name>.json."""
+def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig, evaluation: EvaluateConfig) -> dict:
+    """Evaluate baseline `name` with the shared protocol and write metrics/<dataset>/<name>.json.
+
+    Like ProPy's file: the headline split at the top level, `evaluation.also_splits` under `splits`, and the same
+    architecture at initialisation (same seed) under `untrained` when `evaluation.untrained_reference` is set.
+    """
     store = FeatureStore(base.features_path())
+    device = resolve_device(evaluation.protocol.scoring.device)
+    quick = dataclasses.replace(evaluation.protocol, measure_efficiency=False)
+
+    def score(model: nn.Module, preprocess: PreprocessConfig, split: str, protocol: EvalConfig) -> dict[str, Any]:
+        queries = read_queries(base.annotations_path, split=split)
+        if not queries:
+            raise PipelineError(f"no queries in split {split!r}; check evaluate.protocol.split and also_splits")
+        video_ids = list(dict.fromkeys(q.video_id for q in queries))
+        gt, _ = ground_truth(queries, video_ids)
+        videos = DataLoader(
+            VideoDataset(video_ids, store.videos, preprocess), evaluation.batch_videos, collate_fn=collate_videos
+        )
+        texts = DataLoader(
+            QueryDataset([q.query_id for q in queries], store.texts, preprocess),
+            evaluation.batch_queries,
+            collate_fn=collate_queries,
+        )
+        batches = (b.to(device) for b in videos), (b.to(device) for b in texts)
+        return evaluate_encoder(model.to(device), *batches, gt, protocol, module=model)
+
     if name in UNTRAINED:
-        model: nn.Module = build_model(name)
-        preprocess, selection = MIL_PREPROCESS, {"rule": "none (no training)"}
+        splits = (evaluation.protocol.split, *evaluation.also_splits)
+        evaluated = {q.video_id for q in read_queries(base.annotations_path) if q.split in splits}
+        model: nn.Module = build_model(name, max_frames=max(store.videos.shape(v)[0] for v in evaluated))
+        preprocess, selection, untrained = MIL_PREPROCESS, {"rule": "none (no training)"}, None
     else:
         model, preprocess, selection = _load_trained(base, name, cfg, store)
-    queries = read_queries(base.annotations_path, split=protocol.split)
-    if not queries:
-        raise PipelineError(f"no queries in split {protocol.split!r}; set evaluate.protocol.split")
-    video_ids = list(dict.fromkeys(q.video_id for q in queries))
-    gt, _ = ground_truth(queries, video_ids)
-    device = resolve_device(protocol.scoring.device)
-    model.to(device)
-    videos = DataLoader(VideoDataset(video_ids, store.videos, preprocess), 64, collate_fn=collate_videos)
-    texts = DataLoader(
-        QueryDataset([q.query_id for q in queries], store.texts, preprocess), 256, collate_fn=collate_queries
-    )
-    metrics = evaluate_encoder(
-        model, (b.to(device) for b in videos), (b.to(device) for b in texts), gt, protocol, module=model
-    )
-    metrics.update(model=name, feature_source=store.path.name, selection=selection)
+        torch.manual_seed(cfg.train.seed + base.seed)
+        untrained = build_model(name, cfg=model_config(name, cfg, store)) if evaluation.untrained_reference else None
+    headline = evaluation.protocol.split
+    metrics = {"model": name, **score(model, preprocess, headline, evaluation.protocol)}
+    metrics.update(feature_source=store.path.name, selection=selection)
+    metrics["splits"] = {split: score(model, preprocess, split, quick) for split in evaluation.also_splits}
+    if untrained is not None:
+        metrics["untrained"] = score(untrained, preprocess, headline, quick)
     write_metrics(base.dataset_metrics / f"{name}.json", metrics)
     return metrics
 

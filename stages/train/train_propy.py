@@ -43,7 +43,7 @@ from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache
 from stages.data.frame_dataset import FrameDataset
 from stages.data.schema import Query, read_queries, video_durations
-from stages.evaluate.evaluator import EvalConfig, evaluate_encoder, ground_truth, write_metrics
+from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from stages.train.distributed import (
     GlobalBatchSampler,
@@ -63,11 +63,6 @@ from stages.train.models.propy_import import load_propy
 from stages.train.optim import WarmupCosine, build_adamw
 
 MODEL_NAME = "propy"
-SELECTION_RULES = {
-    "val": "best epoch by SumR on the validation split",
-    "test": "official: best epoch by SumR on the evaluation split itself (optimistic)",
-    "last": "last epoch (no selection)",
-}
 # Keys that change how fast training runs or where it stops, not what it computes: a checkpoint written under
 # other values of these keys can be resumed.
 _RUNTIME_KEYS = ("checkpoint_every_steps", "max_steps", "num_workers", "device", "eval_batch_videos", "threads")
@@ -97,21 +92,12 @@ class TrainPropyConfig:
     eval_batch_videos: int = 16  # videos per forward pass when scoring the selection split
 
     def __post_init__(self) -> None:
-        if self.select_split not in SELECTION_RULES and not self.select_split:
-            raise PipelineError("train_propy.select_split must name a split or be `last`")
+        if not self.select_split:
+            raise PipelineError(
+                "train_propy.select_split must name a split (val, or test as the official code) or `last`"
+            )
         if self.epochs < 1 or self.batch_videos < 1 or self.max_words < 3:
             raise PipelineError("train_propy: epochs and batch_videos must be >= 1 and max_words >= 3")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The `evaluate` section: the protocol of every model's evaluation."""
-
-    protocol: EvalConfig = field(default_factory=EvalConfig)  # `protocol.split` is the headline split
-    also_splits: tuple[str, ...] = ("val",)  # further splits, reported under `splits` (PRVR and moments)
-    untrained_reference: bool = True  # also report the model before training (under `untrained`)
-    batch_videos: int = 16  # videos per forward pass
-    batch_queries: int = 256  # queries per forward pass
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -167,8 +153,8 @@ class CaptionCollate:
 
 
 def _loader(dataset: FrameDataset, workers: int, pin: bool, **kwargs: Any) -> DataLoader:
-    context = "forkserver" if workers else None  # zarr/tensorstore handles must not cross a fork
-    return DataLoader(dataset, num_workers=workers, multiprocessing_context=context, pin_memory=pin, **kwargs)
+    """A DataLoader over the frame cache (its reader holds no threads or handles across a fork)."""
+    return DataLoader(dataset, num_workers=workers, pin_memory=pin, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -352,7 +338,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
                 extra.update(select_R1=scores["R1"], select_SumR=scores["SumR"])
             best = max((r.get("select_SumR", -1.0) for r in trainer.progress.history), default=-1.0)
             if not select or extra["select_SumR"] > best:
-                selection = {"split": cfg.select_split, "rule": SELECTION_RULES.get(cfg.select_split, "")}
+                selection = {"split": cfg.select_split, "rule": _selection_rule(cfg.select_split)}
                 selection.update(epoch=record["epoch"], **{k: v for k, v in extra.items() if k.startswith("select_")})
                 _save_model(out / "best.pt", model, cfg.model, clip_sha256, selection)
             _write_history(history_path(base), [*trainer.progress.history, {**record, **extra}])
@@ -367,6 +353,12 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
         state = "finished" if finished else f"stopped at step {trainer.progress.step} (max_steps); run again to resume"
         _log(f"train_propy: {state}; checkpoints in {out}")
     return out
+
+
+def _selection_rule(split: str) -> str:
+    if split == "last":
+        return "last epoch (no selection)"
+    return f"best epoch by SumR on the {split} split (ties: the earlier epoch)"
 
 
 def _resume(path: Path, fingerprint: dict[str, Any], model: ProPy, trainer: Trainer) -> bool:
@@ -446,8 +438,11 @@ def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: Evalua
 
     corpus = load_corpus(base, headline)
     metrics = {"model": MODEL_NAME, **score(model, corpus, eval_cfg.protocol)}
+    metrics["feature_source"] = f"{base.frames_path.name} (frames; CLIP {base.clip_arch} with prompts and adapters)"
     metrics["chance_R1"] = 100.0 / len(corpus.video_ids)
     selection["official"] = selection["split"] == headline
+    if selection["official"]:
+        selection["note"] = "official behaviour: the epoch was selected on the evaluated split itself (optimistic)"
     metrics["selection"] = selection
     quick = dataclasses.replace(eval_cfg.protocol, measure_efficiency=False)
     metrics["splits"] = {split: score(model, load_corpus(base, split), quick) for split in eval_cfg.also_splits}

@@ -4,10 +4,12 @@ Visual layer (official `ResidualAttentionBlock.forward`): frames attend within t
 `attn_*` ablations), an optional temporal adapter acts on the frame attention output, and the event prompts read
 [events; visual prompts; frame tokens] through one masked attention whose keys and values are the *pre-adapter*
 LayerNorm'd inputs of the layer. Two implementations give the same numbers:
-- `faithful_visual_layer`: the official computation with `nn.MultiheadAttention`, the visual prompts replicated as
-  copies and the frame tokens laid out token-major (t*Nf + f), the MLP over every token;
+- `faithful_visual_layer`: the official computation with `nn.MultiheadAttention` (keys and values re-projected for
+  the event attention), the visual prompts replicated as copies, the frame tokens laid out token-major (t*Nf + f),
+  the frame stream updated in every layer. Only work whose result is discarded is left out: the official code also
+  runs the MLP (and ln_post @ proj) on the prompt copies and frame tokens whose outputs it drops;
 - `fast_visual_layer`: one QKV projection shared by the frame and event attention, SDPA, one key per visual prompt
-  with a log(copies) bias instead of identical copies, frame tokens frame-major, no work on prompt outputs.
+  with a log(copies) bias instead of identical copies, frame tokens frame-major, no frame update in the last layer.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class TemporalAdapter(nn.Module):
 
 @dataclass(frozen=True)
 class LayerMasks:
-    """Additive float masks (0 allowed, -inf blocked) of one model, built once.
+    """The attention masks of one model, built once (additive float: 0 allowed, -inf blocked; or bool).
 
     faithful_events: [Ne, Ne + Nvp*copies + T*Nf] over [events; prompt copies p*copies + j; frame tokens t*Nf + f].
     fast_events: [Ne, Ne + Nvp + Nf*T] over [events; prompts (log(copies) bias); frame tokens f*T + t].

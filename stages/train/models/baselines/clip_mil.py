@@ -14,12 +14,22 @@ from stages.train.models.registry import register_model
 
 
 class FrozenClipMIL(nn.Module):
-    """No parameters: frame features are the units, the EOT token feature is the query."""
+    """No parameters: frame features are the units, the EOT token feature is the query.
+
+    Args:
+        max_frames: every video is padded to this many units (the longest video of the corpus), so that all video
+            batches have one shape; padded units repeat the first frame and never change the max.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        super().__init__()
+        self.max_frames = max_frames
 
     def encode_videos(self, batch: VideoBatch) -> torch.Tensor:
-        """[B, L_f, D] frame features; padded rows repeat the first frame, so they never change the max."""
-        mask = batch.frame_mask.bool().unsqueeze(-1)
-        return torch.where(mask, batch.frame_feats, batch.frame_feats[:, :1])
+        """[B, max_frames, D] frame features."""
+        feats = torch.nn.functional.pad(batch.frame_feats, (0, 0, 0, self.max_frames - batch.frame_feats.shape[1]))
+        mask = torch.nn.functional.pad(batch.frame_mask, (0, self.max_frames - batch.frame_mask.shape[1]))
+        return torch.where(mask.bool().unsqueeze(-1), feats, feats[:, :1])
 
     def encode_queries(self, batch: QueryBatch) -> torch.Tensor:
         """[N, D] the feature of each query's last real token (EOT: CLIP's sentence embedding)."""
@@ -28,6 +38,6 @@ class FrozenClipMIL(nn.Module):
 
 
 @register_model("clip_mil")
-def build_clip_mil() -> FrozenClipMIL:
-    """The frozen-CLIP MIL reference (nothing to configure or train)."""
-    return FrozenClipMIL()
+def build_clip_mil(max_frames: int) -> FrozenClipMIL:
+    """The frozen-CLIP MIL reference (nothing to train)."""
+    return FrozenClipMIL(max_frames)
