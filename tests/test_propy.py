@@ -206,8 +206,9 @@ def test_registry_presets_and_params_yaml(tiny_clip_weights) -> None:
         ProPyConfig.preset("nope")
     with pytest.raises(PipelineError, match="odd"):
         ProPyConfig(adapter_kernel=4)
-    section = yaml.safe_load(Path("params.yaml").read_text())["train_propy"]["model"]
-    assert ProPyConfig.from_dict(section) == ProPyConfig()
+    section = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["train_propy"]["model"]
+    assert set(section) == set(ProPyConfig().to_dict())  # every knob is listed (and documented) in params.yaml
+    assert ProPyConfig.from_dict(section).pyramid.num_frames == section["pyramid"]["num_frames"]
     assert ProPyConfig.from_dict(ProPyConfig.preset("dgl_mil").to_dict()) == ProPyConfig.preset("dgl_mil")
 
 
