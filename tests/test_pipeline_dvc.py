@@ -19,8 +19,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("propy", "msl", "gmmformer", "prototypes", "clip_mil")
 TINY = {
-    "synth": {"train_videos": 8, "val_videos": 4, "test_videos": 4, "min_duration": 4.0, "max_duration": 6.0,
-              "min_events": 2, "max_events": 3, "captions": [2, 3], "workers": 1},
+    "synth": {"train_videos": 8, "val_videos": 4, "test_videos": 4, "min_duration": 6.0, "max_duration": 8.0,
+              "min_events": 3, "max_events": 3, "captions": [2, 3], "workers": 1},
     "pretrain_clip": {"steps": 3, "batch_size": 8, "eval_frames": 16},
     "decode": {"workers": 1},
     "features": {"workers": 0},
