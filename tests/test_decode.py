@@ -19,6 +19,7 @@ import pytest
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache, ensure_cache
+from stages.data.schema import Query, VideoPart, write_queries
 from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, failures_path, run_decode
 from stages.extract.video_io import RateSampler, decode_video, select_frames, uniform_cap, write_video
 from tests.videos import make_video, moving_frames, write_annotations
@@ -143,6 +144,14 @@ def test_missing_video_is_an_error_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"gone\.mp4"):
         run_decode(base, config)
     assert FrameCache(base.frames_path).video_ids() == []
+
+
+def test_merged_clips_without_a_file_get_a_specific_error(tmp_path: Path) -> None:
+    base, config = _setup(tmp_path, {"clip_a": 1.0})
+    parts = (VideoPart("clip_a", 0.0, 1.0), VideoPart("clip_b", 1.0, 1.0))
+    write_queries(base.annotations_path, [Query("q", "a dog runs", "source", 2.0, ((0.0, 1.0),), "val", parts)])
+    with pytest.raises(PipelineError, match=r"merged from several clips.*'source' = \['clip_a', 'clip_b'\]"):
+        run_decode(base, config)
 
 
 def test_timeout_kills_the_decoder_and_leaves_nothing(tmp_path: Path) -> None:

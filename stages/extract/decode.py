@@ -122,7 +122,19 @@ def failures_path(base: BaseConfig) -> Path:
 
 def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
     """Decode every video of the prepared annotations that is not already cached with the same settings."""
-    video_ids = sorted({query.video_id for query in read_queries(base.annotations_path)})
+    queries = read_queries(base.annotations_path)
+    video_ids = sorted({query.video_id for query in queries})
+    merged = {q.video_id: [part.video_id for part in q.parts] for q in queries if q.parts}
+    unmerged = sorted(
+        v for v in merged if not any((Path(config.video_dir) / f"{v}.{e}").is_file() for e in config.extensions)
+    )
+    if unmerged:
+        raise PipelineError(
+            f"{len(unmerged)} video(s) are merged from several clips by prepare.merge_sources (e.g. {unmerged[0]!r} = "
+            f"{merged[unmerged[0]]}) and decode does not concatenate clips yet: concatenate each group into "
+            f"<video_dir>/<merged id>.mp4 (ffmpeg's concat demuxer, in the listed order) or set "
+            "prepare.merge_sources false"
+        )
     sources = find_videos(video_ids, Path(config.video_dir), config.extensions)
     cache_path = base.frames_path.resolve()
     ensure_cache(cache_path)
