@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
@@ -59,6 +61,9 @@ def test_train_save_reload_evaluate_msl(base: BaseConfig) -> None:
     with pytest.raises(PipelineError, match="no trained model"):
         run_evaluate_baseline(base, "msl", cfg, PROTOCOL)
     out = run_train_baseline(base, "msl", cfg)
+    first = load_file(str(out / "model.safetensors"))
+    again = load_file(str(run_train_baseline(base, "msl", cfg) / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)  # same seed, same weights
     record = json.loads((out / "training.json").read_text())
     assert record["model_config"]["visual_input_size"] == DIM and len(record["history"]) >= 1
     metrics = run_evaluate_baseline(base, "msl", cfg, PROTOCOL)

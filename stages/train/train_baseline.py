@@ -77,6 +77,7 @@ def run_train_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig) ->
     store = FeatureStore(base.features_path())
     config = model_config(name, cfg, store)
     train_cfg = dataclasses.replace(cfg.train, seed=cfg.train.seed + base.seed)
+    torch.manual_seed(train_cfg.seed)  # the initial weights, like everything after, follow from the seed
     model = build_model(name, cfg=config)
     datasets = BaselineDatasets.from_annotations(
         read_queries(base.annotations_path),
