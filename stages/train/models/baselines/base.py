@@ -10,6 +10,7 @@ Training: `model(train_batch, sampling) -> (losses with "total", chosen negative
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ class BaselineConfig:
         return PreprocessConfig(map_size=self.map_size, max_ctx_l=self.max_ctx_l, max_desc_l=self.max_desc_l)
 
 
-class BaselineModel(nn.Module):
+class BaselineModel(nn.Module, abc.ABC):
     """Base class: subclasses create the query modules with `_query_modules` and implement the video side."""
 
     cfg: BaselineConfig
@@ -69,10 +70,12 @@ class BaselineModel(nn.Module):
         hidden = self.query_encoder(hidden, batch.query_mask)
         return attention_pool(hidden, batch.query_mask, self.modular_vector_mapping)
 
+    @abc.abstractmethod
     def encode_videos(self, batch: VideoBatch) -> torch.Tensor:
         """[B, K, D] packed per-video cache of a block of videos."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def score_branches(self, queries: torch.Tensor, videos: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"clip": S_c, "frame": S_f, ...}, each [N_q, N_v], of queries [N_q, D] and packed videos [N_v, K, D]."""
         raise NotImplementedError
@@ -94,6 +97,7 @@ class BaselineModel(nn.Module):
         losses, _ = self(batch, sampling, generator)
         return losses["total"], losses
 
+    @abc.abstractmethod
     def forward(
         self,
         batch: TrainBatch,
