@@ -13,6 +13,7 @@ stderr and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Callable
@@ -58,7 +59,7 @@ class Params:
 
     def section(self, name: str) -> dict[str, Any]:
         """A copy of one section with its overrides applied."""
-        merged = json.loads(json.dumps(self.data.get(name) or {}))
+        merged = copy.deepcopy(self.data.get(name) or {})
         for item in self.overrides:
             key, sep, raw = item.partition("=")
             if not sep or not key:
@@ -249,6 +250,7 @@ def import_checkpoint(src: str, dst: str, pyramid: str | None, clip_weights: str
 
     written = import_official_checkpoint(src, dst, pyramid, clip_weights=clip_weights, clip_out=clip_out)
     click.echo(json.dumps(written, indent=1))
+
 
 # --------------------------------------------------------------------------------------------------------------
 # CLIP features

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages.data.errors import PipelineError
+from stages.data.files import atomic_write_text
 
 VIDEO_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -81,13 +81,7 @@ def is_valid_video_id(video_id: str) -> bool:
 
 def write_queries(path: str | Path, queries: Iterable[Query]) -> None:
     """Write unified annotations atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for query in queries:
-            handle.write(json.dumps(query.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(q.to_json(), ensure_ascii=False) + "\n" for q in queries))
 
 
 def read_queries(path: str | Path, split: str | None = None) -> list[Query]:

@@ -18,7 +18,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from stages.data.errors import PipelineError
+from stages.data.files import atomic_write_text
 from stages.data.schema import Query
 from stages.evaluate.efficiency import EfficiencyConfig, bytes_per_video, parameter_counts, probe_latency
 from stages.evaluate.metrics import prvr_metrics_from_ranks
@@ -148,15 +148,11 @@ def evaluate_encoder(
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Write a metrics dict as JSON atomically: sorted keys, floats rounded to 6 significant digits."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         text = json.dumps(_rounded(metrics), indent=2, sort_keys=True, allow_nan=False)
     except ValueError as exc:
         raise PipelineError(f"metrics for {path} hold a NaN or infinite value: {exc}") from exc
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text + "\n")
 
 
 def _moment_metrics(

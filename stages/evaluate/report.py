@@ -11,7 +11,6 @@ the split and the feature source it comes from. The published rows (ProPy Tables
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
+from stages.data.files import atomic_write_text
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 RECALLS = ("R1", "R5", "R10", "R100", "SumR")
@@ -42,12 +42,7 @@ def run_report(base: BaseConfig, cfg: ReportConfig) -> Path:
     papers = yaml.safe_load(PAPER_NUMBERS.read_text())
     paper_dataset = cfg.paper_dataset or base.dataset
     text = render_report(base.dataset, paper_dataset, results, papers)
-    path = Path(cfg.output_dir) / f"{base.dataset}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(cfg.output_dir) / f"{base.dataset}.md", text)
 
 
 def load_results(metrics_dir: Path) -> dict[str, dict[str, Any]]:

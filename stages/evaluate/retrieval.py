@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from stages.data.device import resolve_device
 from stages.data.errors import PipelineError
 from stages.evaluate.metrics import gt_ranks
 
@@ -36,19 +37,6 @@ class ScoringConfig:
     memory_budget_mb: float = 512.0  # working memory of one row block plus one tile, on the scoring device
     normalize_units: bool = True  # False: raw unit norms (ProPy's faithful ActivityNet PRVR evaluation defect)
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device named by a config value (`auto` picks cuda when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise PipelineError(f"device {name!r} is not a torch device name (try auto, cpu or cuda)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {name!r} asked for but CUDA is not available; use device=cpu or auto")
-    return device
 
 
 def max_unit_similarity(queries: Tensor, units: Tensor, normalize_units: bool = True) -> tuple[Tensor, Tensor]:

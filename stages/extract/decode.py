@@ -16,7 +16,6 @@ stage at any moment and running it again finishes only the remaining videos. Fai
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import select
@@ -24,12 +23,14 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
+from stages.data.files import atomic_write_text, file_sha256
 from stages.data.frame_cache import (
     FrameCache,
     FrameStorage,
@@ -125,17 +126,7 @@ def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
     queries = read_queries(base.annotations_path)
     video_ids = sorted({query.video_id for query in queries})
     merged = {q.video_id: [part.video_id for part in q.parts] for q in queries if q.parts}
-    unmerged = sorted(
-        v for v in merged if not any((Path(config.video_dir) / f"{v}.{e}").is_file() for e in config.extensions)
-    )
-    if unmerged:
-        raise PipelineError(
-            f"{len(unmerged)} video(s) are merged from several clips by prepare.merge_sources (e.g. {unmerged[0]!r} = "
-            f"{merged[unmerged[0]]}) and decode does not concatenate clips yet: concatenate each group into "
-            f"<video_dir>/<merged id>.mp4 (ffmpeg's concat demuxer, in the listed order) or set "
-            "prepare.merge_sources false"
-        )
-    sources = find_videos(video_ids, Path(config.video_dir), config.extensions)
+    sources = find_videos(video_ids, Path(config.video_dir), config.extensions, merged)
     cache_path = base.frames_path.resolve()
     ensure_cache(cache_path)
     cache = FrameCache(cache_path)
@@ -159,8 +150,17 @@ def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
     return DecodeSummary(decoded=decoded, skipped=skipped, failures=failures)
 
 
-def find_videos(video_ids: list[str], video_dir: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
-    """The file of every video id (first extension that exists); a missing file is a PipelineError."""
+def find_videos(
+    video_ids: list[str],
+    video_dir: Path,
+    extensions: tuple[str, ...],
+    merged: Mapping[str, list[str]] | None = None,
+) -> dict[str, Path]:
+    """The file of every video id (first extension that exists); a missing file is a PipelineError.
+
+    `merged` maps the ids of videos that `prepare.merge_sources` made from several clips to those clips: such a
+    video has a file only once the user concatenated its clips, and the error says so.
+    """
     found: dict[str, Path] = {}
     missing: list[str] = []
     for vid in video_ids:
@@ -170,6 +170,14 @@ def find_videos(video_ids: list[str], video_dir: Path, extensions: tuple[str, ..
             missing.append(str(candidates[0]))
         else:
             found[vid] = path
+    unmerged = sorted(vid for vid in (merged or {}) if vid not in found)
+    if unmerged:
+        raise PipelineError(
+            f"{len(unmerged)} video(s) are merged from several clips by prepare.merge_sources (e.g. {unmerged[0]!r} = "
+            f"{merged[unmerged[0]]}) and decode does not concatenate clips yet: concatenate each group into "
+            "<video_dir>/<merged id>.mp4 (ffmpeg's concat demuxer, in the listed order) or set "
+            "prepare.merge_sources false"
+        )
     if missing:
         raise PipelineError(
             f"{len(missing)} annotated video(s) not found (extensions tried: {list(extensions)}): "
@@ -194,7 +202,7 @@ def is_up_to_date(cache: FrameCache, video_id: str, source: Path, config: Decode
     stat = source.stat()
     if recorded.get("size") != stat.st_size:
         return False
-    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == _file_sha256(source)
+    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == file_sha256(source)
 
 
 def decode_task(job: DecodeJob) -> DecodeOutcome:
@@ -247,7 +255,7 @@ def _decode_and_publish(job: DecodeJob, staged: Path) -> int:
             "path": str(source),
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
-            "sha256": _file_sha256(source),
+            "sha256": file_sha256(source),
             "frames": decoded.source_frames,
             "width": decoded.source_size[0],
             "height": decoded.source_size[1],
@@ -283,15 +291,6 @@ def _describe_status(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
-def _file_sha256(path: Path) -> str:
-    """sha256 of the whole file: the source's identity (reading it costs far less than decoding it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _run_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int) -> list[DecodeOutcome]:
     """Run the jobs on dask, one task per video, with a progress bar of done, failed and remaining videos."""
     from dask.distributed import as_completed
@@ -317,10 +316,6 @@ def _run_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int) -> 
 
 def _write_failures(path: Path, failures: list[DecodeOutcome]) -> None:
     """Write the failure manifest atomically (an empty file when every video decoded)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for failure in sorted(failures, key=lambda f: f.video_id):
-            record = {"video_id": failure.video_id, "path": failure.source, "reason": failure.reason}
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    ordered = sorted(failures, key=lambda f: f.video_id)
+    records = [{"video_id": f.video_id, "path": f.source, "reason": f.reason} for f in ordered]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from stages.data.config import BaseConfig
+from stages.data.device import resolve_device
 from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStoreInfo, FeatureStoreWriter
 from stages.data.frame_cache import FrameCache
@@ -82,12 +83,12 @@ def run_features(base: BaseConfig, cfg: FeaturesConfig) -> Path:
             f"cached frames are {size}px but {base.clip_weights} expects {arch.image_size}px; "
             f"set decode.size={arch.image_size} and re-run decode"
         )
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     with FeatureStoreWriter(path, info, dtype=cfg.dtype) as store:
         todo_videos = [v for v in video_ids if not store.has("video", v)]
         todo_queries = [q for q in queries if not store.has("text", q.query_id)]
         with tqdm(total=len(video_ids), initial=len(video_ids) - len(todo_videos), desc="features: videos") as bar:
-            for video_id, features in _video_features(base, cfg, cache, todo_videos, device):
+            for video_id, features in _video_features(base, cfg, model, cache, todo_videos, device):
                 store.write("video", video_id, features)
                 bar.update()
         model = model.to(device)
@@ -100,20 +101,17 @@ def run_features(base: BaseConfig, cfg: FeaturesConfig) -> Path:
     return path
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("features.device is 'cuda' but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _video_features(
-    base: BaseConfig, cfg: FeaturesConfig, cache: FrameCache, video_ids: list[str], device: torch.device
+    base: BaseConfig,
+    cfg: FeaturesConfig,
+    model: torch.nn.Module,
+    cache: FrameCache,
+    video_ids: list[str],
+    device: torch.device,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """(video id, [T, E] features) for every video: in this process on a GPU or with 0 workers, else on dask."""
+    """(video id, [T, E] features) for every video: `model` in this process on a GPU or with 0 workers, else on
+    dask workers that each load the weights file once."""
     if device.type == "cuda" or cfg.workers == 0:
-        model, _ = load_clip(base.clip_weights)
         yield from encode_videos(model.to(device), cache, video_ids, cfg.batch_frames, device)
         return
     from dask.distributed import as_completed

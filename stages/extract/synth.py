@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.data.config import BaseConfig
+from stages.data.files import atomic_write_text
 from stages.extract.scenes import (
     COLOURS,
     ROTATING_SHAPES,
@@ -41,6 +41,7 @@ from stages.extract.scenes import (
     render,
     sprite_at,
 )
+from stages.extract.video_io import write_video as encode_video
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1  # bump when rendering or encoding changes, so that existing videos are regenerated
@@ -362,18 +363,10 @@ def _describe(rng: np.random.Generator, run: list[Event], place_probability: flo
 
 
 def write_video(plan: VideoPlan, path: Path) -> None:
-    """Render and encode one video (H.264, yuv420p, one encoder thread) to a temporary name, then rename it."""
-    tmp = path.with_name(path.name + ".part")
-    with av.open(str(tmp), "w", format="mp4") as container:
-        container.metadata["comment"] = FINGERPRINT_TAG + plan.fingerprint
-        stream = container.add_stream(
-            "libx264", rate=plan.fps, options={"crf": str(plan.crf), "preset": plan.preset, "threads": "1"}
-        )
-        stream.width, stream.height, stream.pix_fmt = plan.width, plan.height, "yuv420p"
-        for frame in plan.frames():
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    os.replace(tmp, path)
+    """Render and encode one video, its fingerprint stored in the container's comment."""
+    encode_video(
+        path, plan.frames(), plan.fps, crf=plan.crf, preset=plan.preset, comment=FINGERPRINT_TAG + plan.fingerprint
+    )
 
 
 def stored_fingerprint(path: Path) -> str | None:
@@ -411,13 +404,6 @@ def tvr_lines(plans: list[VideoPlan]) -> list[dict]:
     return lines
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_synth(base: BaseConfig, cfg: SynthConfig) -> dict[str, int]:
     """Write the synthetic videos and annotations; return counts (videos written, skipped, removed, queries)."""
     started = time.perf_counter()
@@ -448,7 +434,7 @@ def run_synth(base: BaseConfig, cfg: SynthConfig) -> dict[str, int]:
     queries = 0
     for split in SPLITS:
         records = tvr_lines([p for p in plans if p.split == split])
-        _write_jsonl(cfg.annotations_path(split), records)
+        atomic_write_text(cfg.annotations_path(split), "".join(json.dumps(r) + "\n" for r in records))
         queries += len(records)
     counts = {"videos": len(plans), "written": len(jobs), "skipped": len(plans) - len(jobs), "removed": removed}
     counts["queries"] = queries

@@ -7,6 +7,9 @@ The geometry is the same for every decoder: the short side is resized to `size` 
 
 from __future__ import annotations
 
+import itertools
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -142,18 +145,38 @@ def _decode_decord(path: Path, fps: float, size: int) -> DecodedVideo:
     return DecodedVideo(stacked, count, (width, height), float(times[-1] - times[0]), interval)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 23) -> Path:
-    """Encode uint8 [T, H, W, 3] frames (H, W even) as an H.264 mp4 with PyAV (test and benchmark videos)."""
+def write_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: float,
+    crf: int = 23,
+    preset: str = "veryfast",
+    comment: str | None = None,
+) -> Path:
+    """Encode uint8 RGB frames [H, W, 3] (H, W even) as an H.264 mp4 with PyAV, one encoder thread (deterministic).
+
+    The file is written under a temporary name and renamed, so an interrupted write leaves no partial mp4;
+    `comment` goes into the container's metadata.
+    """
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.height, stream.width = frames.shape[1:3]
+    tmp = path.with_name(path.name + ".part")
+    frames = iter(frames)
+    first = next(frames)
+    with av.open(str(tmp), "w", format="mp4") as container:
+        if comment is not None:
+            container.metadata["comment"] = comment
+        stream = container.add_stream(
+            "libx264",
+            rate=Fraction(fps).limit_denominator(1001),
+            options={"crf": str(crf), "preset": preset, "threads": "1"},
+        )
+        stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+    os.replace(tmp, path)
     return path

@@ -18,24 +18,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from stages.data.errors import PipelineError
+from stages.data.device import resolve_device as resolve_config_device
 from stages.train.distributed import WorldInfo, average_gradients, is_main_process
 from stages.train.optim import WarmupCosine
 
 
 def resolve_device(spec: str, world: WorldInfo) -> torch.device:
     """`auto` (the local rank's GPU if there is one, else the CPU), `cpu`, `cuda` or `cuda:K`."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PipelineError(f"device {spec!r} requested but CUDA is not available; use device: auto or cpu")
-        if spec == "cuda":
-            spec = f"cuda:{world.local_rank}"
-        torch.cuda.set_device(torch.device(spec))
-    elif spec != "cpu":
-        raise PipelineError(f"device must be auto, cpu, cuda or cuda:K, got {spec!r}")
-    return torch.device(spec)
+    device = resolve_config_device(spec)
+    if device.type == "cuda":
+        device = device if device.index is not None else torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:

@@ -116,9 +116,11 @@ def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig,
     store = FeatureStore(base.features_path())
     device = resolve_device(evaluation.protocol.scoring.device)
     quick = dataclasses.replace(evaluation.protocol, measure_efficiency=False)
+    annotations = read_queries(base.annotations_path)
+    splits = (evaluation.protocol.split, *evaluation.also_splits)
 
     def score(model: nn.Module, preprocess: PreprocessConfig, split: str, protocol: EvalConfig) -> dict[str, Any]:
-        queries = read_queries(base.annotations_path, split=split)
+        queries = [q for q in annotations if q.split == split]
         if not queries:
             raise PipelineError(f"no queries in split {split!r}; check evaluate.protocol.split and also_splits")
         video_ids = list(dict.fromkeys(q.video_id for q in queries))
@@ -135,8 +137,7 @@ def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig,
         return evaluate_encoder(model.to(device), *batches, gt, protocol, module=model)
 
     if name in UNTRAINED:
-        splits = (evaluation.protocol.split, *evaluation.also_splits)
-        evaluated = {q.video_id for q in read_queries(base.annotations_path) if q.split in splits}
+        evaluated = {q.video_id for q in annotations if q.split in splits}
         model: nn.Module = build_model(name, max_frames=max(store.videos.shape(v)[0] for v in evaluated))
         preprocess, selection, untrained = MIL_PREPROCESS, {"rule": "none (no training)"}, None
     else:

@@ -8,7 +8,6 @@ The original OpenAI TorchScript archive is turned into a plain file once with `c
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import load_file, save_file
 
 from stages.data.errors import PipelineError
+from stages.data.files import file_sha256
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,15 +106,6 @@ def arch_from_state_dict(state: dict[str, torch.Tensor]) -> ClipArch:
 
 def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
     return len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
