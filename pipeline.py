@@ -138,7 +138,7 @@ def section_overrides(fn: F) -> F:
 @click.argument("dst", type=click.Path(dir_okay=False))
 def convert_weights(src: str, dst: str) -> None:
     """Convert the OpenAI TorchScript CLIP archive into a plain safetensors file (once)."""
-    from stages.train.models.clip_backbone import convert_torchscript
+    from stages.models.clip_backbone import convert_torchscript
 
     digest = convert_torchscript(src, dst)
     click.echo(f"wrote {dst}\nsha256 {digest}")
@@ -149,8 +149,8 @@ def convert_weights(src: str, dst: str) -> None:
 @click.argument("prefix")
 def verify_reference(model: str, prefix: str) -> None:
     """Compare our port with an official-code fixture (PREFIX_*); exit 0 iff every error is at most 1e-4."""
-    import stages.train.models  # noqa: F401 - model modules register their reference checks
-    from stages.train.reference import TOLERANCE, run_reference_check
+    import stages.models  # noqa: F401 - model modules register their reference checks
+    from stages.models.reference import TOLERANCE, run_reference_check
 
     errors = run_reference_check(model, prefix)
     click.echo(json.dumps(errors, indent=1))
@@ -216,7 +216,7 @@ def decode(params: Params, local_overrides: tuple[str, ...]) -> None:
 @click.pass_obj
 def synth(params: Params, local_overrides: tuple[str, ...]) -> None:
     """Generate the built-in synthetic PRVR dataset (mp4 videos and TVR-format captions)."""
-    from stages.extract.synth import SynthConfig, run_synth
+    from stages.synthetic.synth import SynthConfig, run_synth
 
     params.use("synth", local_overrides)
     run_synth(params.base(), params.config("synth", SynthConfig))
@@ -227,7 +227,7 @@ def synth(params: Params, local_overrides: tuple[str, ...]) -> None:
 @click.pass_obj
 def pretrain_clip(params: Params, local_overrides: tuple[str, ...]) -> None:
     """Train the tiny CLIP of the synthetic dataset on synthetic frames and their descriptions."""
-    from stages.train.pretrain_clip import PretrainClipConfig, run_pretrain_clip
+    from stages.synthetic.pretrain_clip import PretrainClipConfig, run_pretrain_clip
 
     params.use("pretrain_clip", local_overrides)
     run_pretrain_clip(params.base(), params.config("pretrain_clip", PretrainClipConfig))
@@ -246,7 +246,7 @@ def pretrain_clip(params: Params, local_overrides: tuple[str, ...]) -> None:
 @click.option("--clip-out", type=click.Path(dir_okay=False), help="Output CLIP file (default: DST.clip.safetensors).")
 def import_checkpoint(src: str, dst: str, pyramid: str | None, clip_weights: str | None, clip_out: str | None) -> None:
     """Convert an official ProPy checkpoint into ours (trainable weights, model config, CLIP sha256)."""
-    from stages.train.models.propy_import import import_official_checkpoint
+    from stages.models.propy_import import import_official_checkpoint
 
     written = import_official_checkpoint(src, dst, pyramid, clip_weights=clip_weights, clip_out=clip_out)
     click.echo(json.dumps(written, indent=1))
@@ -303,7 +303,7 @@ def _baseline_config(params: Params, name: str) -> Any:
     return config_from_dict(BaselineStageConfig, section[name], f"{params.path}:baselines.{name}")
 
 
-def _evaluate_baseline(name: str, params: Params) -> dict[str, Any]:
+def _evaluate_baseline(params: Params, name: str) -> dict[str, Any]:
     from stages.evaluate.evaluator import EvaluateConfig
     from stages.train.train_baseline import run_evaluate_baseline
 
@@ -311,21 +311,17 @@ def _evaluate_baseline(name: str, params: Params) -> dict[str, Any]:
     return run_evaluate_baseline(params.base(), name, _baseline_config(params, name), evaluation)
 
 
-# Model name -> its evaluation (reads the `evaluate` section plus the model's own section).
-EVALUATORS: dict[str, Callable[[Params], dict[str, Any]]] = {
-    "propy": _evaluate_propy,
-    **{name: functools.partial(_evaluate_baseline, name) for name in ("msl", "gmmformer", "prototypes", "clip_mil")},
-}
-
-
 @cli.command("evaluate")
-@click.argument("model", type=click.Choice(sorted(EVALUATORS)))
+@click.argument("model")
 @section_overrides
 @click.pass_obj
 def evaluate(params: Params, model: str, local_overrides: tuple[str, ...]) -> None:
-    """Evaluate a trained MODEL on the held-out splits: metrics/<dataset>/<model>.json."""
+    """Evaluate a trained MODEL (propy or any baseline) on the held-out splits: metrics/<dataset>/<model>.json."""
+    from stages.models import model_spec
+
     params.use("evaluate", local_overrides)
-    metrics = EVALUATORS[model](params)
+    spec = model_spec(model)
+    metrics = _evaluate_propy(params) if spec.inputs == "frames" else _evaluate_baseline(params, model)
     click.echo(json.dumps({k: metrics[k] for k in ("split", "R1", "R5", "R10", "R100", "SumR") if k in metrics}))
 
 
@@ -339,7 +335,7 @@ def evaluate(params: Params, model: str, local_overrides: tuple[str, ...]) -> No
 @section_overrides
 @click.pass_obj
 def train_baseline(params: Params, name: str, local_overrides: tuple[str, ...]) -> None:
-    """Train the feature baseline NAME (msl, gmmformer, prototypes) on the CLIP feature store."""
+    """Train the feature baseline NAME (any entry of params.yaml `baselines`) on the CLIP feature store."""
     from stages.train.train_baseline import run_train_baseline
 
     params.use("baselines", local_overrides)

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from stages.data.config import BaseConfig  # noqa: E402
 from stages.data.frame_cache import FrameCache, ensure_cache  # noqa: E402
+from stages.data.video_io import resized_shape, write_video  # noqa: E402
 from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, run_decode  # noqa: E402
-from stages.extract.video_io import resized_shape, write_video  # noqa: E402
 from tests.videos import moving_frames, write_annotations  # noqa: E402
 
 OPTIONS = {

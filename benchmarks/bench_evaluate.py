@@ -20,7 +20,7 @@ import torch
 
 from stages.evaluate.efficiency import EfficiencyConfig, bytes_per_video, parameter_counts, probe_latency
 from stages.evaluate.retrieval import ScoringConfig, resolve_device
-from stages.train.models.clip_backbone import ClipArch, text_token_features, tokenize
+from stages.models.clip_backbone import ClipArch, text_token_features, tokenize
 
 CAPTIONS = [
     "a man opens the fridge and takes out a bottle of milk",

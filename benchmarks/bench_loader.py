@@ -31,7 +31,7 @@ from stages.data.config import BaseConfig  # noqa: E402
 from stages.data.frame_dataset import FrameDataset  # noqa: E402
 from stages.data.sampling import train_indices  # noqa: E402
 from stages.extract.decode import DecodeConfig, run_decode  # noqa: E402
-from stages.train.models.clip_backbone import normalize_frames  # noqa: E402
+from stages.models.clip_backbone import normalize_frames  # noqa: E402
 from tests.videos import write_annotations  # noqa: E402
 
 

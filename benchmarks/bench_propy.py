@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from stages.train.models.clip_backbone import ClipArch
-from stages.train.models.propy import ProPy, ProPyConfig, propy_loss
+from stages.models.clip_backbone import ClipArch
+from stages.models.propy import ProPy, ProPyConfig, propy_loss
 
 
 def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from stages.train.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
-from stages.train.models.baselines.losses import NegativeSampling
-from stages.train.models.baselines.prototypes import Prototypes, PrototypesConfig
+from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
+from stages.models.baselines.losses import NegativeSampling
+from stages.models.baselines.prototypes import Prototypes, PrototypesConfig
 
 TABLE_4 = {
     "baseline": {"cross_recon": False, "uni_recon": False, "guidance": False, "ortho": False},

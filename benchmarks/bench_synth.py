@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.data.config import BaseConfig  # noqa: E402
-from stages.extract.synth import SynthConfig, plan_dataset, run_synth, write_video  # noqa: E402
+from stages.synthetic.synth import SynthConfig, plan_dataset, run_synth, write_video  # noqa: E402
 
 
 def main() -> None:

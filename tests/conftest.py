@@ -28,7 +28,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny CLIP (64 px, patch 32, width 128/64, 2 layers) saved as safetensors."""
-    from stages.train.models.clip_backbone import ClipArch, save_clip
+    from stages.models.clip_backbone import ClipArch, save_clip
 
     torch.manual_seed(0)
     arch = ClipArch(

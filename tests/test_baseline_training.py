@@ -12,10 +12,10 @@ from torch import nn
 from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStore, FeatureStoreInfo, FeatureStoreWriter
 from stages.data.schema import Query
+from stages.models.baselines.gmmformer import GMMFormer, GMMFormerConfig
+from stages.models.baselines.msl import MSSL, MSSLConfig
 from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, EarlyStopping, train_baseline
 from stages.train.bert_adam import BertAdam, bert_param_groups, warmup_linear
-from stages.train.models.baselines.gmmformer import GMMFormer, GMMFormerConfig
-from stages.train.models.baselines.msl import MSSL, MSSLConfig
 
 
 def test_warmup_linear_schedule() -> None:

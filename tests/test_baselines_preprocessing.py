@@ -9,7 +9,7 @@ import pytest
 
 from stages.data.errors import PipelineError
 from stages.data.schema import Query
-from stages.train.models.baselines.data import (
+from stages.models.baselines.data import (
     QueryDataset,
     VideoDataset,
     VideoQueryDataset,
@@ -17,7 +17,7 @@ from stages.train.models.baselines.data import (
     collate_train,
     collate_videos,
 )
-from stages.train.models.baselines.preprocessing import (
+from stages.models.baselines.preprocessing import (
     PreprocessConfig,
     bin_edges,
     bin_ranges,

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from stages.data.checkpoint import load_checkpoint, save_checkpoint
 from stages.data.errors import PipelineError
-from stages.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from stages.data.rng import capture_rng, restore_rng
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys, torch
-from stages.train.checkpoint import save_checkpoint
+from stages.data.checkpoint import save_checkpoint
 step = 0
 while True:
     step += 1

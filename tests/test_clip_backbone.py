@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.data.errors import PipelineError
-from stages.train.models.clip_backbone import (
+from stages.models.clip_backbone import (
     ClipArch,
     arch_from_state_dict,
     convert_torchscript,

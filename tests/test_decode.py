@@ -20,8 +20,8 @@ from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache, ensure_cache
 from stages.data.schema import Query, VideoPart, write_queries
+from stages.data.video_io import RateSampler, decode_video, select_frames, uniform_cap, write_video
 from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, failures_path, run_decode
-from stages.extract.video_io import RateSampler, decode_video, select_frames, uniform_cap, write_video
 from tests.videos import make_video, moving_frames, write_annotations
 
 REPO = Path(__file__).resolve().parents[1]

@@ -86,7 +86,7 @@ class TinyRetrieval(torch.nn.Module):
 
 def contrastive_loss(queries: torch.Tensor, events: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """ProPy's loss over its MIL similarity: 100 x the best event's cosine (docs/propy_official_code.md §4)."""
-    from stages.train.models.propy import propy_loss
+    from stages.models.propy import propy_loss
 
     cosine = torch.einsum("te,bke->tbk", F.normalize(queries, dim=-1), F.normalize(events, dim=-1))
     return propy_loss(100.0 * cosine.amax(dim=-1), labels)[0]
@@ -127,7 +127,7 @@ def _free_port() -> int:
 
 
 def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    pytest.importorskip("stages.train.models.propy")
+    pytest.importorskip("stages.models.propy")
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     model = TinyRetrieval()
     loss = model.loss(*global_batch())

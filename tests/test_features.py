@@ -19,7 +19,7 @@ from stages.data.frame_cache import (
 )
 from stages.data.schema import Query, write_queries
 from stages.extract.features import FeaturesConfig, run_features
-from stages.train.models.clip_backbone import file_sha256, load_clip, normalize_frames, tokenize
+from stages.models.clip_backbone import file_sha256, load_clip, normalize_frames, tokenize
 
 VIDEO_FRAMES = {"vid_a": 5, "vid_b": 3}
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages.train.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
-from stages.train.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
-from stages.train.models.baselines.layers import gaussian_mask
-from stages.train.models.baselines.losses import NegativeSampling, query_diverse_loss, video_triplet
-from stages.train.reference import TOLERANCE, run_reference_check
+from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
+from stages.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
+from stages.models.baselines.layers import gaussian_mask
+from stages.models.baselines.losses import NegativeSampling, query_diverse_loss, video_triplet
+from stages.models.reference import TOLERANCE, run_reference_check
 
 SMALL = GMMFormerConfig(
     visual_input_size=12, query_input_size=10, hidden_size=16, max_ctx_l=8, max_desc_l=6, map_size=4

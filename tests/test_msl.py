@@ -13,10 +13,10 @@ import torch
 
 from stages.data.errors import PipelineError
 from stages.evaluate.evaluator import EvalConfig, evaluate_encoder
-from stages.train.models import build_model
-from stages.train.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
-from stages.train.models.baselines.importer import import_official, load_official_checkpoint, official_state_dict
-from stages.train.models.baselines.losses import (
+from stages.models import build_model
+from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
+from stages.models.baselines.importer import import_official, load_official_checkpoint, official_state_dict
+from stages.models.baselines.losses import (
     NegativeSampling,
     diagonal_nce,
     diagonal_triplet,
@@ -24,8 +24,8 @@ from stages.train.models.baselines.losses import (
     multi_positive_nce,
     select_negatives,
 )
-from stages.train.models.baselines.msl import MSSL, MSSLConfig, multi_scale_proposals
-from stages.train.reference import TOLERANCE, run_reference_check
+from stages.models.baselines.msl import MSSL, MSSLConfig, multi_scale_proposals
+from stages.models.reference import TOLERANCE, run_reference_check
 
 SMALL = MSSLConfig(visual_input_size=12, query_input_size=10, hidden_size=16, max_ctx_l=8, max_desc_l=6, map_size=4)
 

@@ -12,8 +12,8 @@ import torch
 
 from stages.data.config import BaseConfig, config_from_dict
 from stages.data.errors import PipelineError
-from stages.train.models.clip_backbone import ClipArch, file_sha256, load_clip
-from stages.train.pretrain_clip import (
+from stages.models.clip_backbone import ClipArch, file_sha256, load_clip
+from stages.synthetic.pretrain_clip import (
     PretrainClipConfig,
     evaluate_recall,
     render_stills,

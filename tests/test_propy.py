@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 from pipeline import cli
 from stages.data.errors import PipelineError
-from stages.train.models import build_model
-from stages.train.models.clip_backbone import ClipArch, file_sha256, load_clip
-from stages.train.models.propy import PRESETS, ProPy, ProPyConfig, propy_loss
-from stages.train.models.propy_import import (
+from stages.models import build_model
+from stages.models.clip_backbone import ClipArch, file_sha256, load_clip
+from stages.models.propy import PRESETS, ProPy, ProPyConfig, propy_loss
+from stages.models.propy_import import (
     build_from_official,
     check_reference,
     export_official_clip,
@@ -27,8 +27,8 @@ from stages.train.models.propy_import import (
     load_propy,
     propy_reference_check,
 )
-from stages.train.models.pyramid import PyramidConfig
-from stages.train.reference import TOLERANCE
+from stages.models.pyramid import PyramidConfig
+from stages.models.reference import TOLERANCE
 
 TINY_PYRAMID = PyramidConfig(num_frames=8, kernel_stride=((2, 2), (2, 1), (3, 1)))
 
@@ -180,7 +180,7 @@ def test_import_checkpoint_cli_roundtrip(official, official_model, tmp_path) -> 
     )
     assert again.exit_code == 0, again.output
     other = tmp_path / "other.safetensors"
-    from stages.train.models.clip_backbone import save_clip
+    from stages.models.clip_backbone import save_clip
 
     save_clip(official_model.arch.build(), other)
     wrong = CliRunner().invoke(

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from stages.data.errors import PipelineError
-from stages.train.models.clip_backbone import ClipArch
-from stages.train.models.propy import ProPy, ProPyConfig
-from stages.train.models.propy_blocks import TemporalAdapter
-from stages.train.models.pyramid import PyramidConfig
+from stages.models.clip_backbone import ClipArch
+from stages.models.propy import ProPy, ProPyConfig
+from stages.models.propy_blocks import TemporalAdapter
+from stages.models.pyramid import PyramidConfig
 
 ARCH = ClipArch(
     embed_dim=32,

@@ -14,23 +14,23 @@ from stages.data.config import config_from_dict
 from stages.data.errors import PipelineError
 from stages.data.schema import Query
 from stages.evaluate.efficiency import bytes_per_video
-from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
-from stages.train.models import build_model
-from stages.train.models.baselines.data import TrainBatch, VideoBatch, VideoQueryDataset, collate_train
-from stages.train.models.baselines.losses import NegativeSampling
-from stages.train.models.baselines.prototypes import (
+from stages.models import build_model
+from stages.models.baselines.data import TrainBatch, VideoBatch, VideoQueryDataset, collate_train
+from stages.models.baselines.losses import NegativeSampling
+from stages.models.baselines.prototypes import (
     BroadcastDecoder,
     Prototypes,
     PrototypesConfig,
     mix_video_pairs,
 )
-from stages.train.models.baselines.prototypes_losses import (
+from stages.models.baselines.prototypes_losses import (
     attention_guidance_loss,
     masked_token_nce,
     orthogonal_loss,
     sample_shared_mask,
     word_positions,
 )
+from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
 
 TINY = PrototypesConfig(
     visual_input_size=16,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stages.data.errors import PipelineError
-from stages.train.models.pyramid import Pyramid, PyramidConfig
+from stages.models.pyramid import Pyramid, PyramidConfig
 
 OFFSET_FORM = PyramidConfig(num_frames=32, offset=(0, 1, 1, 1, 1))
 

@@ -13,8 +13,8 @@ import pytest
 
 from stages.data.config import BaseConfig, config_from_dict
 from stages.data.errors import PipelineError
-from stages.extract.scenes import ObjectState, describe_still
-from stages.extract.synth import SPLITS, SynthConfig, plan_dataset, run_synth
+from stages.synthetic.scenes import ObjectState, describe_still
+from stages.synthetic.synth import SPLITS, SynthConfig, plan_dataset, run_synth
 
 TINY = SynthConfig(
     train_videos=3,

@@ -72,5 +72,7 @@ def test_train_save_reload_evaluate_msl(base: BaseConfig) -> None:
     changed = BaselineStageConfig(model={**cfg.model, "hidden_size": 64}, train=cfg.train)
     with pytest.raises(PipelineError, match="another model config"):
         run_evaluate_baseline(base, "msl", changed, PROTOCOL)
-    with pytest.raises(PipelineError, match="unknown baseline"):
-        run_train_baseline(base, "clip_mil", cfg)
+    with pytest.raises(PipelineError, match="unknown model"):
+        run_train_baseline(base, "no_such_model", cfg)
+    reference = json.loads((run_train_baseline(base, "clip_mil", cfg) / "training.json").read_text())
+    assert reference["trained"] is False and not (out.parent / "clip_mil" / "model.safetensors").exists()

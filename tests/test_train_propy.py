@@ -13,19 +13,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from stages.data.checkpoint import load_checkpoint
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameStorage, ensure_cache, new_staging_path, publish_video, write_video
 from stages.data.schema import Query, write_queries
 from stages.evaluate.evaluator import EvaluateConfig
-from stages.train.checkpoint import load_checkpoint
-from stages.train.models.clip_backbone import tokenize
-from stages.train.models.propy import ProPyConfig
-from stages.train.models.pyramid import PyramidConfig
+from stages.models.clip_backbone import tokenize
+from stages.models.propy import ProPyConfig
+from stages.models.pyramid import PyramidConfig
+from stages.models.trained import propy_dir
 from stages.train.train_propy import (
     CaptionCollate,
     TrainPropyConfig,
-    run_dir,
     run_evaluate_propy,
     run_train_propy,
 )
@@ -86,14 +86,14 @@ def test_collate_concatenates_every_caption_with_its_video_index() -> None:
 
 def test_killed_run_resumes_to_the_same_parameters(toy_base: BaseConfig, tmp_path: Path, tiny_clip_weights) -> None:
     run_train_propy(toy_base, TOY)
-    whole = trainable(run_dir(toy_base) / "last.pt")
+    whole = trainable(propy_dir(toy_base) / "last.pt")
 
     other = make_dataset(tmp_path / "b", tiny_clip_weights)
     run_train_propy(other, replace(TOY, max_steps=3, checkpoint_every_steps=2))  # stops in the middle of epoch 2
-    stopped = load_checkpoint(run_dir(other) / "last.pt")
+    stopped = load_checkpoint(propy_dir(other) / "last.pt")
     assert stopped["progress"]["step"] == 3 and stopped["progress"]["epoch"] == 0
     run_train_propy(other, replace(TOY, num_workers=2))  # a fresh start resumes (loader workers change nothing)
-    resumed = load_checkpoint(run_dir(other) / "last.pt")
+    resumed = load_checkpoint(propy_dir(other) / "last.pt")
     assert resumed["progress"]["step"] == 8 and resumed["progress"]["epoch"] == 2
 
     assert whole.keys() == resumed["trainable"].keys()
@@ -108,14 +108,14 @@ def test_killed_run_resumes_to_the_same_parameters(toy_base: BaseConfig, tmp_pat
 
 def test_checkpoint_holds_only_trainables_and_a_changed_config_starts_again(toy_base: BaseConfig) -> None:
     run_train_propy(toy_base, replace(TOY, max_steps=2))
-    state = load_checkpoint(run_dir(toy_base) / "last.pt")
+    state = load_checkpoint(propy_dir(toy_base) / "last.pt")
     assert state["clip_sha256"] and state["model_config"] == TOY_MODEL.to_dict()
     assert not any(k.startswith("clip.") for k in state["trainable"])
     run_train_propy(toy_base, replace(TOY, epochs=1))
-    assert (run_dir(toy_base) / "best.pt").is_file()
+    assert (propy_dir(toy_base) / "best.pt").is_file()
     run_train_propy(toy_base, replace(TOY, lr=5e-4, max_steps=1))
-    assert load_checkpoint(run_dir(toy_base) / "last.pt")["progress"]["step"] == 1
-    assert not (run_dir(toy_base) / "best.pt").exists()  # the earlier run's selection is gone
+    assert load_checkpoint(propy_dir(toy_base) / "last.pt")["progress"]["step"] == 1
+    assert not (propy_dir(toy_base) / "best.pt").exists()  # the earlier run's selection is gone
 
 
 def test_evaluation_writes_trained_and_untrained_metrics(toy_base: BaseConfig) -> None:
@@ -160,11 +160,11 @@ def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_train_rank, args=(port, ranks, replace(single, batch_videos=1, threads=1)), nprocs=2, join=True)
-    expected, got = trainable(run_dir(toy_base) / "last.pt"), trainable(run_dir(ranks) / "last.pt")
+    expected, got = trainable(propy_dir(toy_base) / "last.pt"), trainable(propy_dir(ranks) / "last.pt")
     for name, tensor in expected.items():
         # Adam normalises each gradient, so float noise on near-zero gradients moves a weight by up to ~lr * 1e-2
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5)
-    assert load_checkpoint(run_dir(ranks) / "last.pt")["progress"]["step"] == 2
+    assert load_checkpoint(propy_dir(ranks) / "last.pt")["progress"]["step"] == 2
 
 
 @pytest.mark.gpu
@@ -172,7 +172,7 @@ def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(
 def test_gpu_training_with_amp_then_evaluation(toy_base: BaseConfig) -> None:
     cfg = replace(TOY, device="cuda", amp=True, epochs=1)
     run_train_propy(toy_base, cfg)
-    state = load_checkpoint(run_dir(toy_base) / "last.pt")
+    state = load_checkpoint(propy_dir(toy_base) / "last.pt")
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
     metrics = run_evaluate_propy(toy_base, cfg, replace(EvaluateConfig(), also_splits=()))
     assert metrics["num_videos"] == SPLITS["test"]

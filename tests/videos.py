@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.data.schema import Query, write_queries
-from stages.extract.video_io import write_video
+from stages.data.video_io import write_video
 
 
 def moving_frames(num_frames: int, width: int, height: int, seed: int = 0) -> np.ndarray:

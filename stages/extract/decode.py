@@ -41,8 +41,8 @@ from stages.data.frame_cache import (
     write_video,
 )
 from stages.data.schema import read_queries
+from stages.data.video_io import RESIZE_POLICY, Decoder, decode_video, decoder_version, uniform_cap
 from stages.extract.cluster import dask_client
-from stages.extract.video_io import RESIZE_POLICY, Decoder, decode_video, decoder_version, uniform_cap
 
 
 @dataclass(frozen=True)

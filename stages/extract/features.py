@@ -28,7 +28,7 @@ from stages.data.feature_store import FeatureStoreInfo, FeatureStoreWriter
 from stages.data.frame_cache import FrameCache
 from stages.data.schema import Query, read_queries
 from stages.extract.cluster import dask_client
-from stages.train.models.clip_backbone import (
+from stages.models.clip_backbone import (
     file_sha256,
     load_clip,
     normalize_frames,

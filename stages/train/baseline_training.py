@@ -9,7 +9,7 @@ BertAdam with warm-up-linear over the nominal `n_epoch` horizon; negatives from 
 `hard_negative_start_epoch` on; then the validation split is scored by the shared evaluator and the state with the
 strictly best `select_metric` is kept. Training stops once more than `max_es_cnt` consecutive epochs did not improve.
 Any model with `training_loss(batch, sampling, generator) -> (loss, parts)` and the evaluator's encode/score
-interface can be trained (see `stages.train.models.baselines.base`).
+interface can be trained (see `stages.models.baselines.base`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from stages.data.errors import PipelineError
 from stages.data.schema import Query
 from stages.evaluate.evaluator import EvalConfig, evaluate_encoder, ground_truth
 from stages.evaluate.retrieval import ScoringConfig, resolve_device
-from stages.train.bert_adam import BertAdam, bert_param_groups
-from stages.train.models.baselines.data import (
+from stages.models.baselines.data import (
     FeatureSource,
     QueryDataset,
     VideoDataset,
@@ -37,8 +36,9 @@ from stages.train.models.baselines.data import (
     collate_train,
     collate_videos,
 )
-from stages.train.models.baselines.losses import NegativeSampling
-from stages.train.models.baselines.preprocessing import PreprocessConfig
+from stages.models.baselines.losses import NegativeSampling
+from stages.models.baselines.preprocessing import PreprocessConfig
+from stages.train.bert_adam import BertAdam, bert_param_groups
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ an epoch (the batch source must skip the batches already trained, see `GlobalBat
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from stages.data.device import autocast, autocast_dtype
 from stages.data.device import resolve_device as resolve_config_device
 from stages.train.distributed import WorldInfo, average_gradients, is_main_process
 from stages.train.optim import WarmupCosine
@@ -30,20 +30,6 @@ def resolve_device(spec: str, world: WorldInfo) -> torch.device:
         device = device if device.index is not None else torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     return device
-
-
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype: None (fp32) on CPU or without AMP, bf16 where the GPU supports it, else fp16."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast context for `dtype` (a no-op context for fp32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -27,24 +27,28 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from stages.data.checkpoint import load_checkpoint, save_checkpoint
 from stages.data.config import BaseConfig
+from stages.data.corpus import Corpus, load_corpus
+from stages.data.device import autocast_dtype
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache
 from stages.data.frame_dataset import FrameDataset
-from stages.data.schema import Query, read_queries, video_durations
+from stages.data.rng import capture_rng, restore_rng
+from stages.data.schema import video_durations
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
-from stages.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from stages.models.clip_backbone import file_sha256, normalize_frames, tokenize
+from stages.models.propy import ProPy, ProPyConfig, propy_loss
+from stages.models.trained import PropyEncoder, build_propy, load_trained_propy, propy_dir
 from stages.train.distributed import (
     GlobalBatchSampler,
     WorldInfo,
@@ -55,11 +59,7 @@ from stages.train.distributed import (
     is_main_process,
     world_info_from_env,
 )
-from stages.train.loop import LoopConfig, Trainer, autocast, autocast_dtype, resolve_device
-from stages.train.models import build_model
-from stages.train.models.clip_backbone import file_sha256, load_clip, normalize_frames, tokenize
-from stages.train.models.propy import ProPy, ProPyConfig, propy_loss
-from stages.train.models.propy_import import load_propy
+from stages.train.loop import LoopConfig, Trainer, resolve_device
 from stages.train.optim import WarmupCosine, build_adamw
 
 MODEL_NAME = "propy"
@@ -105,40 +105,6 @@ class TrainPropyConfig:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Corpus:
-    """The videos of one split (in order of first appearance) and their queries."""
-
-    split: str
-    video_ids: list[str]
-    queries: list[Query]
-
-    def captions(self) -> list[list[str]]:
-        """All captions of each video, in query order."""
-        index = {video_id: i for i, video_id in enumerate(self.video_ids)}
-        captions: list[list[str]] = [[] for _ in self.video_ids]
-        for query in self.queries:
-            captions[index[query.video_id]].append(query.query)
-        return captions
-
-
-def load_corpus(base: BaseConfig, split: str) -> Corpus:
-    """The queries of `split` and their videos, which must all be in the frame cache."""
-    queries = read_queries(base.annotations_path, split)
-    if not queries:
-        raise PipelineError(f"{base.annotations_path} has no queries of split {split!r}; check the split names")
-    video_ids = list(video_durations(queries))
-    cache = FrameCache(base.frames_path)
-    missing = [v for v in video_ids if v not in cache]
-    if missing:
-        raise PipelineError(
-            f"{len(missing)} of the {len(video_ids)} {split} videos are not in the frame cache {base.frames_path} "
-            f"(e.g. {missing[:3]}); run `python pipeline.py decode` and read the reasons in "
-            f"{base.dataset_cache / 'decode_failures.jsonl'}"
-        )
-    return Corpus(split, video_ids, queries)
-
-
 class CaptionCollate:
     """The official video-centric collate: stacked frames, all captions tokenised, each caption's video index."""
 
@@ -158,46 +124,8 @@ def _loader(dataset: FrameDataset, workers: int, pin: bool, **kwargs: Any) -> Da
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Model
+# Scoring a model (model selection and the evaluate stage)
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_propy(base: BaseConfig, config: ProPyConfig, device: torch.device) -> ProPy:
-    """ProPy on the frozen CLIP of `base.clip_weights`, its trainable parameters drawn from `base.seed`.
-
-    Training and the untrained reference call this, so both start from the same parameters.
-    """
-    clip, arch = load_clip(base.clip_weights)
-    seed_everything(base.seed)
-    model = build_model(MODEL_NAME, clip=clip, arch=arch, config=config)
-    return model.to(device)
-
-
-class PropyEncoder:
-    """ProPy behind the evaluation protocol: batches of uint8 frames and of caption strings in, embeddings out."""
-
-    def __init__(self, model: ProPy, device: torch.device, dtype: torch.dtype | None, max_words: int) -> None:
-        self.model, self.device, self.dtype, self.max_words = model, device, dtype, max_words
-        self.unit_windows = model.proposals.cpu()
-
-    def encode_videos(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """uint8 frames [b, Nf, S, S, 3] (and their indices) -> event features [b, Ne, E]."""
-        frames = normalize_frames(batch[0].to(self.device, non_blocking=True))
-        with autocast(self.device, self.dtype):
-            return self.model.encode_videos(frames).float()
-
-    def encode_queries(self, texts: list[str]) -> torch.Tensor:
-        """Caption strings -> query features [q, E]."""
-        ids = tokenize(texts, self.max_words).to(self.device)
-        with autocast(self.device, self.dtype):
-            return self.model.encode_queries(ids).float()
 
 
 def evaluate_propy(
@@ -233,11 +161,6 @@ def evaluate_propy(
 # ------------------------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def run_dir(base: BaseConfig) -> Path:
-    """`cache/<dataset>/propy`: the training checkpoints (a DVC output)."""
-    return base.dataset_cache / MODEL_NAME
 
 
 def history_path(base: BaseConfig) -> Path:
@@ -289,7 +212,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
     schedule = WarmupCosine(cfg.lr, cfg.epochs * len(sampler), cfg.warmup)
     loop = LoopConfig(cfg.epochs, len(sampler), cfg.grad_clip, cfg.checkpoint_every_steps, cfg.max_steps)
     trainer = Trainer(parameters, optimizer, schedule, device, cfg.amp, loop)
-    out = run_dir(base)
+    out = propy_dir(base)
     fingerprint = run_fingerprint(base, cfg, clip_sha256, world, corpus.video_ids)
     if not _resume(out / "last.pt", fingerprint, model, trainer) and is_main_process():
         (out / "best.pt").unlink(missing_ok=True)  # selected by another run
@@ -412,17 +335,6 @@ def _log(message: str) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def load_trained_propy(base: BaseConfig, device: torch.device) -> tuple[ProPy, dict[str, Any]]:
-    """The selected model of `cache/<dataset>/propy/best.pt` on its frozen CLIP, and how it was selected.
-
-    An imported official checkpoint (`python pipeline.py import-checkpoint`) copied there works too.
-    """
-    path = run_dir(base) / "best.pt"
-    state = load_checkpoint(path)
-    model = load_propy(path, base.clip_weights).to(device)
-    return model, state.get("selection", {"split": "", "rule": f"imported: {state.get('extra', {})}"})
 
 
 def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: EvaluateConfig) -> dict[str, Any]:

@@ -5,22 +5,24 @@ Evaluation interface (the evaluate stage's `RetrievalEncoder` protocol):
     v = model.encode_videos(video_batch)       # [N_v, K, D]: the model's per-video cache packed in one tensor
     s = model.score(q, v)                      # [N_q, N_v] fused similarity clip_scale_w * S_c + frame_scale_w * S_f
 `model.score_fn` is `model.score`, so evaluation uses the model's own similarity (not a max-over-units cosine).
-Training: `model(train_batch, sampling) -> (losses with "total", chosen negatives)`.
+Training: `model(train_batch, sampling) -> (losses with "total", chosen negatives)`; a model adds its losses to a
+`TrainingStep` in `add_losses`, and the step keeps the family's bookkeeping (weighted terms, reported parts,
+negatives under the keys of the injected ranks).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from stages.train.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
-from stages.train.models.baselines.layers import AttentionBlock, InputProjection, PositionalEncoding, attention_pool
-from stages.train.models.baselines.losses import NegativeSampling
-from stages.train.models.baselines.preprocessing import PreprocessConfig
+from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
+from stages.models.baselines.layers import AttentionBlock, InputProjection, PositionalEncoding, attention_pool
+from stages.models.baselines.losses import NegativeSampling, multi_positive_nce, video_triplet
+from stages.models.baselines.preprocessing import PreprocessConfig
 
 
 @dataclass(frozen=True)
@@ -47,18 +49,24 @@ class BaselineConfig:
 
 
 class BaselineModel(nn.Module, abc.ABC):
-    """Base class: subclasses create the query modules with `_query_modules` and implement the video side."""
+    """Base class: subclasses create the shared inputs with `_add_input_modules` and implement the video side."""
 
     cfg: BaselineConfig
 
-    def _query_modules(self) -> tuple[PositionalEncoding, InputProjection, AttentionBlock]:
-        """The query pathway: positional encoding, input projection, attention block (official names set by caller)."""
+    def _add_input_modules(self, video_inputs: bool = True) -> None:
+        """The modules every model of the family creates first, in the official order (state-dict keys and the
+        initialisation follow it): `query_pos_embed`, [`clip_pos_embed`, `frame_pos_embed`], `query_input_proj`,
+        `query_encoder`, [`clip_input_proj`]; the bracketed ones when `video_inputs`."""
         cfg = self.cfg
-        return (
-            PositionalEncoding(cfg.max_desc_l, cfg.hidden_size, cfg.drop, cfg.layer_norm_eps),
-            InputProjection(cfg.query_input_size, cfg.hidden_size, cfg.input_drop, cfg.layer_norm_eps),
-            AttentionBlock(cfg.hidden_size, cfg.n_heads, cfg.drop, eps=cfg.layer_norm_eps),
-        )
+        dim, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.query_pos_embed = PositionalEncoding(cfg.max_desc_l, dim, cfg.drop, eps)
+        if video_inputs:
+            self.clip_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
+            self.frame_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
+        self.query_input_proj = InputProjection(cfg.query_input_size, dim, cfg.input_drop, eps)
+        self.query_encoder = AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps)
+        if video_inputs:
+            self.clip_input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
 
     def preprocess_config(self) -> PreprocessConfig:
         """How raw features must be preprocessed for this model."""
@@ -97,7 +105,6 @@ class BaselineModel(nn.Module, abc.ABC):
         losses, _ = self(batch, sampling, generator)
         return losses["total"], losses
 
-    @abc.abstractmethod
     def forward(
         self,
         batch: TrainBatch,
@@ -105,7 +112,7 @@ class BaselineModel(nn.Module, abc.ABC):
         generator: torch.Generator | None = None,
         ranks: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Training losses of one batch (`"total"` is the sum) and the chosen triplet negatives.
+        """Training losses of one batch (`"total"` is the sum of the weighted terms) and the chosen negatives.
 
         Args:
             batch: videos with their queries (`batch.queries.labels` set).
@@ -113,7 +120,61 @@ class BaselineModel(nn.Module, abc.ABC):
             generator: random source of the negative ranks.
             ranks: inject the ranks of the negatives per triplet term instead of drawing them (reference checks).
         """
+        if batch.queries.labels is None:
+            raise ValueError("training batches need query labels")
+        step = TrainingStep(batch, sampling, generator, dict(ranks or {}), self.cfg.margin)
+        self.add_losses(step)
+        return step.result()
+
+    @abc.abstractmethod
+    def add_losses(self, step: TrainingStep) -> None:
+        """Add this model's training losses of `step.batch` to `step` (see the model's docstring for the keys)."""
         raise NotImplementedError
+
+
+@dataclass
+class TrainingStep:
+    """One training batch and the losses a model adds for it: what `BaselineModel.forward` returns."""
+
+    batch: TrainBatch
+    sampling: NegativeSampling
+    generator: torch.Generator | None
+    ranks: dict[str, torch.Tensor]  # injected negative ranks, keyed `<branch>_<term>`
+    margin: float  # triplet margin
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted terms, summed into "total" in order
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # reported parts of terms (not summed again)
+    negatives: dict[str, torch.Tensor] = field(default_factory=dict)  # chosen negatives, keyed like `ranks`
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[B_q] the batch index of each query's video."""
+        return self.batch.queries.labels
+
+    def branch_ranks(self, branch: str) -> dict[str, torch.Tensor]:
+        """The injected ranks of one branch's triplet terms, keyed by term."""
+        return with_prefix(self.ranks, f"{branch}_")
+
+    def add_triplet(
+        self, branch: str, terms: Mapping[str, torch.Tensor], negatives: Mapping[str, torch.Tensor], weight: float
+    ) -> None:
+        """`<branch>_trip` = weight x the sum of the triplet's terms (also reported one by one), and its negatives."""
+        self.losses[f"{branch}_trip"] = weight * sum(terms.values())
+        self.parts |= {f"{branch}_trip_{k}": v for k, v in terms.items()}
+        self.negatives |= {f"{branch}_{k}": v for k, v in negatives.items()}
+
+    def add_ranking(
+        self, branch: str, cosine: torch.Tensor, raw: torch.Tensor, nce_weight: float, trip_weight: float = 1.0
+    ) -> None:
+        """The family's pair of losses for one branch: multi-positive NCE on raw scores, video triplet on cosines."""
+        self.losses[f"{branch}_nce"] = nce_weight * multi_positive_nce(raw, self.labels)
+        terms, negatives = video_triplet(
+            cosine, self.labels, self.margin, self.sampling, self.generator, self.branch_ranks(branch)
+        )
+        self.add_triplet(branch, terms, negatives, trip_weight)
+
+    def result(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the weighted terms, `total` and the reported parts; the negatives)."""
+        return {**self.losses, "total": sum(self.losses.values()), **self.parts}, self.negatives
 
 
 def with_prefix(mapping: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

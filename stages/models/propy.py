@@ -12,7 +12,7 @@ Build it through the registry::
 The CLIP is held as `model.clip` and stays frozen; its blocks' ln/attn/mlp weights are reused, never copied.
 Trainable: event prompts [Ne, Dv], deep visual prompts [layers, Nvp, Dv], the prefix/postfix projections
 (Dv -> Dt) and one temporal adapter per visual layer. Defaults reproduce the official code, including its defects
-(see `postfix_fix` and `normalize_eval`); `/work/shared/docs/propy_official_code.md` describes that code.
+(see `postfix_fix` and `normalize_eval`); the project's notes on the official code (BUAAPY/ProPy) describe it.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from torch.utils.checkpoint import checkpoint
 
 from stages.data.config import config_from_dict
 from stages.data.errors import PipelineError
-from stages.train.models.clip_backbone import ClipArch
-from stages.train.models.propy_blocks import (
+from stages.models.clip_backbone import ClipArch
+from stages.models.propy_blocks import (
     LayerMasks,
     TemporalAdapter,
     VisualState,
     faithful_visual_layer,
     fast_visual_layer,
 )
-from stages.train.models.pyramid import EventInteraction, Pyramid, PyramidConfig, additive_mask
-from stages.train.models.registry import register_model
+from stages.models.pyramid import EventInteraction, Pyramid, PyramidConfig, additive_mask
+from stages.models.registry import register_model
 
 FrameUpdate = Literal["adapter", "orig", "attn_pyr", "attn_whole", "attn_adapter"]
 PromptCopy = Literal["l1", "none", "events"]
@@ -389,7 +389,7 @@ def propy_loss(logits: Tensor, text_labels: Tensor) -> tuple[Tensor, Tensor, Ten
     return (t2v + v2t) / 2, t2v, v2t
 
 
-@register_model("propy")
+@register_model("propy", config=ProPyConfig, inputs="frames")
 def build_propy(clip: CLIP, arch: ClipArch, config: ProPyConfig | None = None) -> ProPy:
     """ProPy on the frozen `clip` (built by `load_clip`) with `config` (default: the paper's model)."""
     return ProPy(clip, arch, config or ProPyConfig())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stages.train.models.baselines.data import QueryBatch, VideoBatch
-from stages.train.models.registry import register_model
+from stages.models.baselines.data import QueryBatch, VideoBatch
+from stages.models.registry import register_model
 
 
 class FrozenClipMIL(nn.Module):
@@ -37,7 +37,7 @@ class FrozenClipMIL(nn.Module):
         return batch.query_feats[torch.arange(len(last)), last]
 
 
-@register_model("clip_mil")
+@register_model("clip_mil", trainable=False)
 def build_clip_mil(max_frames: int) -> FrozenClipMIL:
     """The frozen-CLIP MIL reference (nothing to train)."""
     return FrozenClipMIL(max_frames)

@@ -1,7 +1,7 @@
 """Official ProPy checkpoints (BUAAPY/ProPy `ckpt.pth.tar`): import, CLIP export and the reference check.
 
     python pipeline.py import-checkpoint ckpt.best.pth.tar models/propy_tvr.pt --pyramid cfg_32.json
-    python pipeline.py verify-reference propy /work/shared/fixtures/propy_official/cfg32
+    python pipeline.py verify-reference propy $PRVR_FIXTURES/propy_official/cfg32   # the official-code fixtures
 
 An official checkpoint holds the whole model under `clip.` (frozen CLIP included) and no pyramid (the masks are
 rebuilt from the `pyr_configs/*.json` given at load time). Prompt counts, adapter width and kernel are read off the
@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.data.checkpoint import load_checkpoint, save_checkpoint
 from stages.data.errors import PipelineError
-from stages.train.checkpoint import load_checkpoint, save_checkpoint
-from stages.train.models.clip_backbone import ClipArch, arch_from_state_dict, file_sha256, load_clip, save_clip
-from stages.train.models.propy import ProPy, ProPyConfig, propy_loss
-from stages.train.models.pyramid import PyramidConfig
-from stages.train.reference import register_reference_check
+from stages.models.clip_backbone import ClipArch, arch_from_state_dict, file_sha256, load_clip, save_clip
+from stages.models.propy import ProPy, ProPyConfig, propy_loss
+from stages.models.pyramid import PyramidConfig
+from stages.models.reference import register_reference_check
 
 _ADAPTER = ".temp_adapter."
 _PROPY_KEYS = ("visual.global_prompts", "visual_prompt_embedding", "prefix_proj.", "postfix_proj.")

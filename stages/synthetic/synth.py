@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from stages.data.config import BaseConfig
 from stages.data.files import atomic_write_text
-from stages.extract.scenes import (
+from stages.data.video_io import write_video as encode_video
+from stages.synthetic.scenes import (
     COLOURS,
     ROTATING_SHAPES,
     Background,
@@ -41,7 +42,6 @@ from stages.extract.scenes import (
     render,
     sprite_at,
 )
-from stages.extract.video_io import write_video as encode_video
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1  # bump when rendering or encoding changes, so that existing videos are regenerated

@@ -12,24 +12,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.train.models.baselines.base import BaselineConfig, BaselineModel, with_prefix
-from stages.train.models.baselines.data import TrainBatch, VideoBatch
-from stages.train.models.baselines.layers import AttentionBlock, InputProjection, PositionalEncoding, init_weights
-from stages.train.models.baselines.losses import (
-    NegativeSampling,
+from stages.models.baselines.base import BaselineConfig, BaselineModel, TrainingStep
+from stages.models.baselines.data import TrainBatch, VideoBatch
+from stages.models.baselines.layers import AttentionBlock, InputProjection, init_weights
+from stages.models.baselines.losses import (
     diagonal_nce,
     diagonal_triplet,
-    multi_positive_nce,
-    video_triplet,
 )
-from stages.train.models.registry import register_model
+from stages.models.registry import register_model
 
 FRAME_ATTENTION_MASK_FILL = -1e9
 NAN = float("nan")
@@ -82,7 +78,7 @@ def _attend(logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, equa
     return torch.einsum(equation, weights, values)
 
 
-@register_model("msl")
+@register_model("msl", config=MSSLConfig)
 class MSSL(BaselineModel):
     """Multi-scale similarity learning (parameter names and order as in the official `MS_SL` module)."""
 
@@ -90,13 +86,7 @@ class MSSL(BaselineModel):
         super().__init__()
         self.cfg = cfg = cfg or MSSLConfig()
         dim, eps = cfg.hidden_size, cfg.layer_norm_eps
-        query_pos, query_proj, query_encoder = self._query_modules()
-        self.query_pos_embed = query_pos
-        self.clip_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
-        self.frame_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
-        self.query_input_proj = query_proj
-        self.query_encoder = query_encoder
-        self.clip_input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
+        self._add_input_modules()
         self.clip_encoder = AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps)
         self.frame_input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
         self.frame_encoder = AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps)
@@ -171,34 +161,16 @@ class MSSL(BaselineModel):
             "frame_raw": queries @ frame_feat.t(),
         }
 
-    def forward(
-        self,
-        batch: TrainBatch,
-        sampling: NegativeSampling,
-        generator: torch.Generator | None = None,
-        ranks: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Losses `clip_nce`, `clip_trip` (`_t2v`, `_v2t`), `frame_nce`, `frame_trip` (`_row`, `_col`), `total`.
+    def add_losses(self, step: TrainingStep) -> None:
+        """Losses `clip_nce`, `clip_trip` (`_t2v`, `_v2t`), `frame_nce`, `frame_trip` (`_row`, `_col`).
 
         `ranks` keys: `clip_t2v`, `clip_v2t`, `frame_row`, `frame_col`; negatives are returned under the same keys.
         """
-        cfg, ranks = self.cfg, ranks or {}
-        scores = self.training_scores(batch)
-        labels = batch.queries.labels
-        clip_terms, clip_negs = video_triplet(
-            scores["clip"], labels, cfg.margin, sampling, generator, with_prefix(ranks, "clip_")
+        cfg = self.cfg
+        scores = self.training_scores(step.batch)
+        step.add_ranking("clip", scores["clip"], scores["clip_raw"], cfg.clip_nce_weight, cfg.clip_trip_weight)
+        step.losses["frame_nce"] = cfg.frame_nce_weight * diagonal_nce(scores["frame_raw"])
+        terms, negatives = diagonal_triplet(
+            scores["frame"], cfg.margin, step.sampling, step.generator, step.branch_ranks("frame")
         )
-        frame_terms, frame_negs = diagonal_triplet(
-            scores["frame"], cfg.margin, sampling, generator, with_prefix(ranks, "frame_")
-        )
-        losses = {
-            "clip_nce": cfg.clip_nce_weight * multi_positive_nce(scores["clip_raw"], labels),
-            "clip_trip": cfg.clip_trip_weight * (clip_terms["t2v"] + clip_terms["v2t"]),
-            "frame_nce": cfg.frame_nce_weight * diagonal_nce(scores["frame_raw"]),
-            "frame_trip": cfg.frame_trip_weight * (frame_terms["row"] + frame_terms["col"]),
-        }
-        losses["total"] = sum(losses.values())
-        losses |= {f"clip_trip_{k}": v for k, v in clip_terms.items()}
-        losses |= {f"frame_trip_{k}": v for k, v in frame_terms.items()}
-        negatives = {f"clip_{k}": v for k, v in clip_negs.items()} | {f"frame_{k}": v for k, v in frame_negs.items()}
-        return losses, negatives
+        step.add_triplet("frame", terms, negatives, cfg.frame_trip_weight)

@@ -56,7 +56,6 @@ Where the paper is ambiguous (paper says X; we do Y because Z):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,25 +63,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.train.models.baselines.base import BaselineConfig, BaselineModel, with_prefix
-from stages.train.models.baselines.data import TrainBatch, VideoBatch
-from stages.train.models.baselines.layers import (
+from stages.models.baselines.base import BaselineConfig, BaselineModel, TrainingStep
+from stages.models.baselines.data import VideoBatch
+from stages.models.baselines.layers import (
     ATTENTION_MASK_FILL,
     AttentionBlock,
     InputProjection,
     PositionalEncoding,
     init_weights,
 )
-from stages.train.models.baselines.losses import NegativeSampling, multi_positive_nce, video_triplet
-from stages.train.models.baselines.msl import multi_scale_proposals
-from stages.train.models.baselines.prototypes_losses import (
+from stages.models.baselines.msl import multi_scale_proposals
+from stages.models.baselines.prototypes_losses import (
     attention_guidance_loss,
     masked_token_nce,
     orthogonal_loss,
     reconstruction_error,
     sample_shared_mask,
 )
-from stages.train.models.registry import register_model
+from stages.models.registry import register_model
 
 BRANCHES = ("clip", "frame")
 
@@ -288,14 +286,14 @@ def mix_video_pairs(rows: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor |
     return mixed.gather(1, order[..., None].expand_as(mixed)), mixed_mask.gather(1, order), first.gather(1, order)
 
 
-@register_model("prototypes")
+@register_model("prototypes", config=PrototypesConfig)
 class Prototypes(BaselineModel):
     """The Prototypes PRVR model (see the module docstring)."""
 
     def __init__(self, cfg: PrototypesConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or PrototypesConfig()
-        self.query_pos_embed, self.query_input_proj, self.query_encoder = self._query_modules()
+        self._add_input_modules(video_inputs=False)
         self.modular_vector_mapping = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.branches = nn.ModuleDict(
             {
@@ -318,39 +316,23 @@ class Prototypes(BaselineModel):
         return {"clip": prototype_scores(unit, clip), "frame": prototype_scores(unit, frame)}
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        batch: TrainBatch,
-        sampling: NegativeSampling,
-        generator: torch.Generator | None = None,
-        ranks: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Eq. 9: losses `<branch>_{nce,trip,crecon,urecon,attn,ortho}` (weighted, enabled terms only) and `total`.
+    def add_losses(self, step: TrainingStep) -> None:
+        """Eq. 9: losses `<branch>_{nce,trip,crecon,urecon,attn,ortho}` (weighted, enabled terms only).
 
         Also `<branch>_trip_{t2v,v2t}` (parts of `<branch>_trip`, not added again). `ranks` keys: `clip_t2v`,
         `clip_v2t`, `frame_t2v`, `frame_v2t`; the negatives are returned under the same keys. `generator` also draws
         the masked word positions.
         """
-        cfg, ranks = self.cfg, ranks or {}
-        queries, videos, labels = batch.queries, batch.videos, batch.queries.labels
-        if labels is None:
-            raise ValueError("training batches need query labels")
+        cfg, losses = self.cfg, step.losses
+        queries, videos, labels = step.batch.queries, step.batch.videos, step.labels
         query_vecs = self.encode_queries(queries)
-        masked = sample_shared_mask(queries.query_mask, cfg.mask_ratio, generator) if cfg.cross_recon else None
-        losses: dict[str, Tensor] = {}
-        terms: dict[str, Tensor] = {}
-        negatives: dict[str, Tensor] = {}
+        masked = sample_shared_mask(queries.query_mask, cfg.mask_ratio, step.generator) if cfg.cross_recon else None
         for name in BRANCHES:
             branch = self.branches[name]
             rows, mask = self._rows(videos, name)
             prototypes, _ = branch(rows, mask)
             cosine = prototype_scores(F.normalize(query_vecs, dim=-1), F.normalize(prototypes, dim=-1))
-            trip, negs = video_triplet(cosine, labels, cfg.margin, sampling, generator, with_prefix(ranks, f"{name}_"))
-            raw = prototype_scores(query_vecs, prototypes)
-            losses[f"{name}_nce"] = cfg.nce_weight * multi_positive_nce(raw, labels)
-            losses[f"{name}_trip"] = trip["t2v"] + trip["v2t"]
-            terms |= {f"{name}_trip_{k}": v for k, v in trip.items()}
-            negatives |= {f"{name}_{k}": v for k, v in negs.items()}
+            step.add_ranking(name, cosine, prototype_scores(query_vecs, prototypes), cfg.nce_weight)
             if masked is not None:
                 retrieved = prototypes[labels, best_prototype(query_vecs, prototypes[labels])]
                 decoded = branch.text_decoder(queries.query_feats, queries.query_mask, masked, retrieved)
@@ -364,8 +346,6 @@ class Prototypes(BaselineModel):
                 losses[f"{name}_attn"] = cfg.guidance_weight * self._guidance(branch, rows, mask, query_vecs, labels)
             if cfg.ortho:
                 losses[f"{name}_ortho"] = cfg.ortho_weight * orthogonal_loss(prototypes, cfg.ortho_norm)
-        losses["total"] = sum(losses.values())
-        return losses | terms, negatives
 
     def _guidance(
         self, branch: VideoBranch, rows: Tensor, mask: Tensor | None, query_vecs: Tensor, labels: Tensor

@@ -1,10 +1,11 @@
-"""Reference checks of MS-SL and GMMFormer against fixtures of the official code (`PREFIX_{official_state_dict.pt,
-config.json,io.npz}`, format in `shared/fixtures/baselines_official/README.md`).
+"""Reference checks of the MS-SL family against fixtures of the official code (`PREFIX_{official_state_dict.pt,
+config.json,io.npz}`, format in the fixtures folder's `baselines_official/README.md`).
 
-    python pipeline.py verify-reference msl .../baselines_official/mssl_shared
-    python pipeline.py verify-reference gmmformer .../baselines_official/gmmformer_shared
+    python pipeline.py verify-reference msl $PRVR_FIXTURES/baselines_official/mssl_shared
+    python pipeline.py verify-reference gmmformer $PRVR_FIXTURES/baselines_official/gmmformer_shared
 
-Each check builds our model from the fixture's config, loads the official state dict (identity key mapping, strict),
+This module holds what every check shares; each model's check is `<model>_reference.py` beside it. A check builds
+our model from the fixture's config, loads the official state dict (identity key mapping, strict),
 runs our preprocessing, datasets and collate on the raw features, our encoders and scores on the preprocessed inputs
 (raw order), and our losses on the official training batch with the recorded negative ranks. It returns one max
 absolute error per group; integer outputs (bins, orders, key clips) count their absolute index differences.
@@ -25,8 +26,8 @@ from torch import nn
 
 from stages.data.errors import PipelineError
 from stages.data.schema import Query
-from stages.train.models.baselines.base import BaselineConfig, BaselineModel
-from stages.train.models.baselines.data import (
+from stages.models.baselines.base import BaselineConfig, BaselineModel
+from stages.models.baselines.data import (
     QueryBatch,
     QueryDataset,
     TrainBatch,
@@ -37,13 +38,9 @@ from stages.train.models.baselines.data import (
     collate_train,
     collate_videos,
 )
-from stages.train.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
-from stages.train.models.baselines.importer import official_state_dict
-from stages.train.models.baselines.layers import gaussian_mask
-from stages.train.models.baselines.losses import NegativeSampling
-from stages.train.models.baselines.msl import MSSL, MSSLConfig, MSSLVideos
-from stages.train.models.baselines.preprocessing import PreprocessConfig, bin_edges, bin_ranges, frame_ranges
-from stages.train.reference import register_reference_check
+from stages.models.baselines.importer import official_state_dict
+from stages.models.baselines.losses import NegativeSampling
+from stages.models.baselines.preprocessing import PreprocessConfig, bin_edges, bin_ranges, frame_ranges
 
 LOSS_MODES = ("hardest", "random", "hardpool")
 Fixture = tuple[dict[str, Any], dict[str, np.ndarray], dict[str, torch.Tensor]]
@@ -91,11 +88,11 @@ def fixture_preprocess_config(config: dict[str, Any]) -> PreprocessConfig:
     )
 
 
-def _max_abs(errors: Iterable[float]) -> float:
+def max_of(errors: Iterable[float]) -> float:
     return float(max(errors, default=0.0))
 
 
-def _diff(ours: torch.Tensor | np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
+def max_abs_diff(ours: torch.Tensor | np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
     ours_np = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
     if ours_np.shape != ref.shape:
         raise PipelineError(f"shape mismatch: ours {ours_np.shape}, fixture {ref.shape}")
@@ -136,9 +133,11 @@ def preprocessing_errors(config: dict[str, Any], io: dict[str, np.ndarray]) -> d
     texts = dict(zip(query_ids, _ragged(io["raw_query_feats"], io["raw_query_num_tokens"]), strict=True))
 
     bins = [
-        _diff(np.stack([bin_ranges(bin_edges(len(videos[v]), cfg.map_size)) for v in video_ids]), io["pre_clip_bins"])
+        max_abs_diff(
+            np.stack([bin_ranges(bin_edges(len(videos[v]), cfg.map_size)) for v in video_ids]), io["pre_clip_bins"]
+        )
     ]
-    bins.append(_diff(np.stack([frame_ranges(len(videos[v]), cfg) for v in video_ids]), io["pre_frame_bins"]))
+    bins.append(max_abs_diff(np.stack([frame_ranges(len(videos[v]), cfg) for v in video_ids]), io["pre_frame_bins"]))
     for key in (k for k in io if k.startswith("bins_") and not k.endswith("_T")):
         size = int(key.split("_")[-1][1:])
         table = [
@@ -147,26 +146,26 @@ def preprocessing_errors(config: dict[str, Any], io: dict[str, np.ndarray]) -> d
             else frame_ranges(int(t), PreprocessConfig(max_ctx_l=size))
             for t in io[f"{key}_T"]
         ]
-        bins.append(_diff(np.stack(table), io[key]))
+        bins.append(max_abs_diff(np.stack(table), io[key]))
 
     eval_videos = collate_videos([item for item in VideoDataset(video_ids, videos, cfg)])
     eval_queries = collate_queries(list(QueryDataset(query_ids, texts, cfg)), sort_by_length=True)
     row_of = [query_ids.index(qid) for qid in eval_queries.query_ids]
     restore = np.argsort(row_of)
     inputs = [
-        _diff(eval_videos.clip_feats, io["pre_clip_feats"]),
-        _diff(eval_videos.frame_feats, io["pre_frame_feats"]),
-        _diff(eval_videos.frame_mask, io["pre_frame_mask"]),
-        _diff(eval_queries.query_feats[restore], io["pre_query_feats"]),
-        _diff(eval_queries.query_mask[restore], io["pre_query_mask"]),
+        max_abs_diff(eval_videos.clip_feats, io["pre_clip_feats"]),
+        max_abs_diff(eval_videos.frame_feats, io["pre_frame_feats"]),
+        max_abs_diff(eval_videos.frame_mask, io["pre_frame_mask"]),
+        max_abs_diff(eval_queries.query_feats[restore], io["pre_query_feats"]),
+        max_abs_diff(eval_queries.query_mask[restore], io["pre_query_mask"]),
     ]
     train = train_batch(config, io, cfg)
     orders = [
-        _diff(np.array(row_of), io["order_eval_queries"]),
-        _diff(np.array([video_ids.index(v) for v in train.videos.video_ids]), io["order_train_videos"]),
-        _diff(np.array([query_ids.index(q) for q in train.queries.query_ids]), io["order_train_queries"]),
+        max_abs_diff(np.array(row_of), io["order_eval_queries"]),
+        max_abs_diff(np.array([video_ids.index(v) for v in train.videos.video_ids]), io["order_train_videos"]),
+        max_abs_diff(np.array([query_ids.index(q) for q in train.queries.query_ids]), io["order_train_queries"]),
     ]
-    return {"preprocess_bins": _max_abs(bins), "preprocess_inputs": _max_abs(inputs), "batch_orders": _max_abs(orders)}
+    return {"preprocess_bins": max_of(bins), "preprocess_inputs": max_of(inputs), "batch_orders": max_of(orders)}
 
 
 def train_batch(config: dict[str, Any], io: dict[str, np.ndarray], cfg: PreprocessConfig) -> Any:
@@ -183,7 +182,7 @@ def train_batch(config: dict[str, Any], io: dict[str, np.ndarray], cfg: Preproce
     return collate_train([dataset[i] for i in range(len(dataset))])
 
 
-def _fixture_batches(io: dict[str, np.ndarray], n_videos: int, n_queries: int) -> tuple[VideoBatch, QueryBatch]:
+def fixture_batches(io: dict[str, np.ndarray], n_videos: int, n_queries: int) -> tuple[VideoBatch, QueryBatch]:
     def t(key: str) -> torch.Tensor:
         return torch.from_numpy(io[key])
 
@@ -211,7 +210,7 @@ def _encoder_errors(
         encoded = model.encode_videos(videos)
     errors = {}
     for group, pairs in groups.items():
-        errors[group] = _max_abs(_diff(out[module], io[key], masks[group.split("_")[0]]) for module, key in pairs)
+        errors[group] = max_of(max_abs_diff(out[module], io[key], masks[group.split("_")[0]]) for module, key in pairs)
     return errors, query_vecs, encoded
 
 
@@ -238,8 +237,10 @@ def _loss_errors(
         if mode != "hardest":
             ranks = {name: torch.from_numpy(io[f"rank_{mode}_{name}"][order]) for name, order in anchor_orders.items()}
         losses, negatives = model(batch, sampling, ranks=ranks)
-        errors[f"loss_{mode}"] = _max_abs(
-            _diff(value, io[f"loss_{mode}_{name}"]) for name, value in losses.items() if f"loss_{mode}_{name}" in io
+        errors[f"loss_{mode}"] = max_of(
+            max_abs_diff(value, io[f"loss_{mode}_{name}"])
+            for name, value in losses.items()
+            if f"loss_{mode}_{name}" in io
         )
         for name, matrix in negative_keys.items():
             anchors = anchor_orders[name]
@@ -247,11 +248,11 @@ def _loss_errors(
             scores = io[matrix].T if name.endswith(("v2t", "col")) else io[matrix]
             official = io[f"neg_{mode}_{name}"][anchors]
             negative_errors.append(float(np.abs(scores[anchors, targets] - scores[anchors, official]).max()))
-    errors["negatives"] = _max_abs(negative_errors)
+    errors["negatives"] = max_of(negative_errors)
     return errors
 
 
-def _check(
+def check_fixture(
     prefix: str,
     build: Callable[[dict[str, Any]], BaselineModel],
     encoder_groups: dict[str, list[tuple[str, str]]],
@@ -263,145 +264,31 @@ def _check(
     model.load_state_dict(state, strict=True)
     model.eval()
     errors = preprocessing_errors(config, io)
-    videos, queries = _fixture_batches(io, len(config["data"]["video_ids"]), len(config["data"]["query_ids"]))
+    videos, queries = fixture_batches(io, len(config["data"]["video_ids"]), len(config["data"]["query_ids"]))
     with torch.no_grad():
         encoder_errors, query_vecs, encoded = _encoder_errors(model, io, encoder_groups, videos, queries)
         errors |= encoder_errors
-        errors["query_encoder"] = max(errors["query_encoder"], _diff(query_vecs, io["query_vec"]))
+        errors["query_encoder"] = max(errors["query_encoder"], max_abs_diff(query_vecs, io["query_vec"]))
         branches = model.score_branches(query_vecs, encoded)
-        errors["inference_scores"] = _max_abs(
-            [_diff(branches[b], io[f"infer_{b}_scores"]) for b in ("clip", "frame")]
-            + [_diff(model.score(query_vecs, encoded), io["infer_fused_scores"])]
-            + [_diff(branches["key_clip"], io["infer_key_clip"])]
+        errors["inference_scores"] = max_of(
+            [max_abs_diff(branches[b], io[f"infer_{b}_scores"]) for b in ("clip", "frame")]
+            + [max_abs_diff(model.score(query_vecs, encoded), io["infer_fused_scores"])]
+            + [max_abs_diff(branches["key_clip"], io["infer_key_clip"])]
         )
         extra(model, io, query_vecs, encoded, errors)
         errors |= _loss_errors(model, config, io, negative_keys)
     return errors
 
 
-def _train_score_errors(model: BaselineModel, io: dict[str, np.ndarray], names: dict[str, str]) -> float:
-    videos, queries = _fixture_batches(io, io["pre_clip_feats"].shape[0], io["pre_query_feats"].shape[0])
+def train_score_errors(model: BaselineModel, io: dict[str, np.ndarray], names: dict[str, str]) -> float:
+    videos, queries = fixture_batches(io, io["pre_clip_feats"].shape[0], io["pre_query_feats"].shape[0])
     scores = model.training_scores(TrainBatch(videos, queries))
-    return _max_abs(_diff(scores[ours], io[ref]) for ours, ref in names.items())
+    return max_of(max_abs_diff(scores[ours], io[ref]) for ours, ref in names.items())
 
 
-@register_reference_check("msl")
-def check_msl(prefix: str) -> dict[str, float]:
-    """MS-SL against `PREFIX_*`: preprocessing, encoders, proposals, scores, frame attention, losses, negatives."""
-    encoder_groups = {
-        "query_encoder": [
-            ("query_input_proj", "enc_query_proj"),
-            ("query_pos_embed", "enc_query_posemb"),
-            ("query_encoder", "enc_query_tokens"),
-        ],
-        "clip_encoder": [
-            ("clip_input_proj", "enc_clip_proj"),
-            ("clip_pos_embed", "enc_clip_posemb"),
-            ("clip_encoder", "enc_clip"),
-        ],
-        "frame_encoder": [
-            ("frame_input_proj", "enc_frame_proj"),
-            ("frame_pos_embed", "enc_frame_posemb"),
-            ("frame_encoder", "enc_frame"),
-        ],
-    }
-
-    def extra(model: MSSL, io: dict[str, np.ndarray], q: torch.Tensor, videos: Any, errors: dict[str, float]) -> None:
-        parts = MSSLVideos.unpack(videos, model.cfg.max_ctx_l)
-        errors["clip_encoder"] = max(errors["clip_encoder"], _diff(parts.proposals, io["clip_proposals"]))
-        key_clips = model.clip_scores(q, parts)[1]
-        errors["frame_attention"] = _diff(model.frame_features(key_clips, parts), io["infer_frame_attn_feat"])
-        errors["train_scores"] = _train_score_errors(
-            model,
-            io,
-            {
-                "clip": "train_clip_scores",
-                "clip_raw": "train_clip_scores_raw",
-                "frame": "train_frame_scores",
-                "frame_raw": "train_frame_scores_raw",
-                "frame_feat": "train_frame_feat",
-                "key_clip": "train_key_clip",
-            },
-        )
-
-    negative_keys = {
-        "clip_t2v": "train_clip_scores",
-        "clip_v2t": "train_clip_scores",
-        "frame_row": "train_frame_scores",
-        "frame_col": "train_frame_scores",
-    }
-    return _check(prefix, lambda c: MSSL(fixture_model_config(MSSLConfig, c)), encoder_groups, extra, negative_keys)
-
-
-@register_reference_check("gmmformer")
-def check_gmmformer(prefix: str) -> dict[str, float]:
-    """GMMFormer against `PREFIX_*`: preprocessing, GMM blocks and masks, scores, sub-batch padding, losses."""
-    encoder_groups = {
-        "query_encoder": [
-            ("query_input_proj", "enc_query_proj"),
-            ("query_pos_embed", "enc_query_posemb"),
-            ("query_encoder", "enc_query_tokens"),
-        ],
-        "clip_encoder": [
-            ("clip_input_proj", "enc_clip_proj"),
-            ("clip_pos_embed", "enc_clip_posemb"),
-            ("clip_encoder", "enc_clip_1"),
-            ("clip_encoder_2", "enc_clip"),
-        ]
-        + [(f"clip_encoder.attn{i}", f"gmm_clip1_attn{i}") for i in range(4)],
-        "frame_encoder": [
-            ("frame_input_proj", "enc_frame_proj"),
-            ("frame_pos_embed", "enc_frame_posemb"),
-            ("frame_encoder_1", "enc_frame_1"),
-            ("frame_encoder_2", "enc_frame"),
-        ]
-        + [(f"frame_encoder_1.attn{i}", f"gmm_frame1_attn{i}") for i in range(4)],
-    }
-
-    def extra(
-        model: GMMFormer, io: dict[str, np.ndarray], q: torch.Tensor, videos: Any, errors: dict[str, float]
-    ) -> None:
-        frame_vec = GMMFormerVideos.unpack(videos).frame_vec
-        errors["frame_encoder"] = max(errors["frame_encoder"], _diff(frame_vec, io["frame_vec"]))
-        masks = []
-        for key in (k for k in io if k.startswith("gauss_")):
-            length, width = key.split("_")[1:]
-            masks.append(_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
-        errors["gauss_masks"] = _max_abs(masks)
-        sub = io["sub_videos"]
-        sub_batch = VideoBatch(
-            [f"v{i}" for i in sub],
-            torch.from_numpy(io["pre_clip_feats"][sub]),
-            torch.from_numpy(io["sub_frame_feats"]),
-            torch.from_numpy(io["sub_frame_mask"]),
-        )
-        with capture_outputs(model, ["frame_encoder_2"]) as out:
-            sub_encoded = model.encode_videos(sub_batch)
-        errors["sub_batch"] = _max_abs(
-            [
-                _diff(out["frame_encoder_2"], io["sub_enc_frame"], io["sub_frame_mask"]),
-                _diff(GMMFormerVideos.unpack(sub_encoded).frame_vec, io["sub_frame_vec"]),
-                _diff(model.score_branches(q, sub_encoded)["frame"], io["sub_infer_frame_scores"]),
-            ]
-        )
-        errors["train_scores"] = _train_score_errors(
-            model,
-            io,
-            {
-                "clip": "train_clip_scores",
-                "clip_raw": "train_clip_scores_raw",
-                "frame": "train_frame_scores",
-                "frame_raw": "train_frame_scores_raw",
-                "query_vec": "train_query_vec",
-            },
-        )
-
-    negative_keys = {
-        "clip_t2v": "train_clip_scores",
-        "clip_v2t": "train_clip_scores",
-        "frame_t2v": "train_frame_scores",
-        "frame_v2t": "train_frame_scores",
-    }
-    return _check(
-        prefix, lambda c: GMMFormer(fixture_model_config(GMMFormerConfig, c)), encoder_groups, extra, negative_keys
-    )
+# The query pathway's modules and the fixture arrays of their outputs, the same in every model of the family.
+QUERY_ENCODER_STAGES = [
+    ("query_input_proj", "enc_query_proj"),
+    ("query_pos_embed", "enc_query_posemb"),
+    ("query_encoder", "enc_query_tokens"),
+]

@@ -11,24 +11,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.train.models.baselines.base import BaselineConfig, BaselineModel, with_prefix
-from stages.train.models.baselines.data import TrainBatch, VideoBatch
-from stages.train.models.baselines.layers import (
+from stages.models.baselines.base import BaselineConfig, BaselineModel, TrainingStep
+from stages.models.baselines.data import TrainBatch, VideoBatch
+from stages.models.baselines.layers import (
     GMMBlock,
     InputProjection,
-    PositionalEncoding,
     attention_pool,
     init_weights,
 )
-from stages.train.models.baselines.losses import NegativeSampling, multi_positive_nce, query_diverse_loss, video_triplet
-from stages.train.models.registry import register_model
+from stages.models.baselines.losses import query_diverse_loss
+from stages.models.registry import register_model
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class GMMFormerVideos:
         return cls(packed[:, :-1], packed[:, -1])
 
 
-@register_model("gmmformer")
+@register_model("gmmformer", config=GMMFormerConfig)
 class GMMFormer(BaselineModel):
     """Gaussian-mixture-model transformer (parameter names and order as in the official module)."""
 
@@ -71,13 +69,7 @@ class GMMFormer(BaselineModel):
         def gmm_block() -> GMMBlock:
             return GMMBlock(dim, cfg.n_heads, cfg.drop, cfg.gmm_block_widths, eps)
 
-        query_pos, query_proj, query_encoder = self._query_modules()
-        self.query_pos_embed = query_pos
-        self.clip_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
-        self.frame_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
-        self.query_input_proj = query_proj
-        self.query_encoder = query_encoder
-        self.clip_input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
+        self._add_input_modules()
         self.clip_encoder = gmm_block()
         self.clip_encoder_2 = gmm_block()
         self.frame_input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
@@ -130,30 +122,14 @@ class GMMFormer(BaselineModel):
             "frame_raw": queries @ videos.frame_vec.t(),
         }
 
-    def forward(
-        self,
-        batch: TrainBatch,
-        sampling: NegativeSampling,
-        generator: torch.Generator | None = None,
-        ranks: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Losses `clip_nce`, `clip_trip`, `frame_nce`, `frame_trip` (each trip with `_t2v`, `_v2t`), `qdl`, `total`.
+    def add_losses(self, step: TrainingStep) -> None:
+        """Losses `clip_nce`, `clip_trip`, `frame_nce`, `frame_trip` (each trip with `_t2v`, `_v2t`), `qdl`.
 
         `ranks` keys: `clip_t2v`, `clip_v2t`, `frame_t2v`, `frame_v2t`; negatives are returned under the same keys.
         """
-        cfg, ranks = self.cfg, ranks or {}
-        scores = self.training_scores(batch)
-        labels = batch.queries.labels
-        qdl_queries = self.encode_queries(batch.queries)  # a second pass (own dropout mask), as officially
-        losses, negatives, terms = {}, {}, {}
+        cfg = self.cfg
+        scores = self.training_scores(step.batch)
+        qdl_queries = self.encode_queries(step.batch.queries)  # a second pass (own dropout mask), as officially
         for branch, nce_weight in (("clip", cfg.loss_factor[0]), ("frame", cfg.loss_factor[1])):
-            trip, negs = video_triplet(
-                scores[branch], labels, cfg.margin, sampling, generator, with_prefix(ranks, f"{branch}_")
-            )
-            losses[f"{branch}_nce"] = nce_weight * multi_positive_nce(scores[f"{branch}_raw"], labels)
-            losses[f"{branch}_trip"] = trip["t2v"] + trip["v2t"]
-            terms |= {f"{branch}_trip_{k}": v for k, v in trip.items()}
-            negatives |= {f"{branch}_{k}": v for k, v in negs.items()}
-        losses["qdl"] = cfg.loss_factor[2] * query_diverse_loss(qdl_queries, labels, *cfg.neg_factor)
-        losses["total"] = sum(losses.values())
-        return losses | terms, negatives
+            step.add_ranking(branch, scores[branch], scores[f"{branch}_raw"], nce_weight)
+        step.losses["qdl"] = cfg.loss_factor[2] * query_diverse_loss(qdl_queries, step.labels, *cfg.neg_factor)

@@ -5,7 +5,7 @@
     dvc repro pretrain_clip
 
 ProPy keeps CLIP frozen, so the synthetic dataset needs a CLIP whose features mean something. This stage renders
-still frames straight from the scene model of `stages.extract.scenes` (random shapes, colours, sizes and places
+still frames straight from the scene model of `stages.synthetic.scenes` (random shapes, colours, sizes and places
 over the dataset's backgrounds; a seed stream disjoint from the dataset's videos), at the size of the decode
 stage's frames, describes each one (`a large red square at the top left and a blue circle in the center`), and
 trains a randomly initialised OpenAI-layout CLIP with the symmetric InfoNCE loss. The weights are written with
@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from stages.data.config import BaseConfig
 from stages.evaluate.metrics import gt_ranks
-from stages.extract.scenes import Sprite, background_pixels, describe_still, random_still, render
-from stages.train.models.clip_backbone import ClipArch, normalize_frames, save_clip, tokenize
+from stages.models.clip_backbone import ClipArch, normalize_frames, save_clip, tokenize
+from stages.synthetic.scenes import Sprite, background_pixels, describe_still, random_still, render
 from stages.train.optim import WarmupCosine, build_adamw
 
 TINY_CLIP = ClipArch(

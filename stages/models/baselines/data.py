@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from stages.data.errors import PipelineError
 from stages.data.schema import Query
-from stages.train.models.baselines.preprocessing import PreprocessConfig, clip_tensor, frame_sequence, query_tokens
+from stages.models.baselines.preprocessing import PreprocessConfig, clip_tensor, frame_sequence, query_tokens
 
 FeatureSource = Mapping[str, np.ndarray]
 
