@@ -147,14 +147,23 @@ def convert_weights(src: str, dst: str) -> None:
 @cli.command("verify-reference")
 @click.argument("model")
 @click.argument("prefix")
-def verify_reference(model: str, prefix: str) -> None:
-    """Compare our port with an official-code fixture (PREFIX_*); exit 0 iff every error is at most 1e-4."""
+@click.option(
+    "--checkpoint",
+    type=click.Path(),
+    help="Check this model file of ours (e.g. import-checkpoint's output) instead of the fixture's official weights.",
+)
+def verify_reference(model: str, prefix: str, checkpoint: str | None) -> None:
+    """Compare our port with an official-code fixture (PREFIX_*); exit 0 iff every error is within the check's
+    tolerance (1e-4; propy-train, our training loop against the official steps: 1e-5 relative)."""
     import stages.models  # noqa: F401 - model modules register their reference checks
-    from stages.models.reference import TOLERANCE, run_reference_check
+    import stages.train.propy_reference  # noqa: F401 - registers propy-train
+    from stages.models.imported import verify_checkpoint
+    from stages.models.reference import reference_check
 
-    errors = run_reference_check(model, prefix)
+    check = reference_check(model)
+    errors = verify_checkpoint(model, prefix, checkpoint) if checkpoint else check.fn(prefix)
     click.echo(json.dumps(errors, indent=1))
-    if not errors or max(errors.values()) > TOLERANCE:
+    if not errors or max(errors.values()) > check.tolerance:
         raise click.exceptions.Exit(1)
 
 
@@ -240,15 +249,33 @@ def pretrain_clip(params: Params, local_overrides: tuple[str, ...]) -> None:
 
 @cli.command("import-checkpoint")
 @click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--pyramid", type=click.Path(dir_okay=False), help="Official pyr_configs/*.json (default: cfg_32).")
-@click.option("--clip-weights", type=click.Path(dir_okay=False), help="Existing CLIP file to reference (checked).")
-@click.option("--clip-out", type=click.Path(dir_okay=False), help="Output CLIP file (default: DST.clip.safetensors).")
-def import_checkpoint(src: str, dst: str, pyramid: str | None, clip_weights: str | None, clip_out: str | None) -> None:
-    """Convert an official ProPy checkpoint into ours (trainable weights, model config, CLIP sha256)."""
-    from stages.models.propy_import import import_official_checkpoint
+@click.argument("dst", type=click.Path())
+@click.option("--model", "name", default="propy", show_default=True, help="propy, or a baseline of params.yaml.")
+@click.option("--pyramid", type=click.Path(dir_okay=False), help="ProPy: official pyr_configs/*.json (default cfg_32).")
+@click.option("--clip-weights", type=click.Path(dir_okay=False), help="ProPy: existing CLIP file to reference.")
+@click.option("--clip-out", type=click.Path(dir_okay=False), help="ProPy: CLIP file to write (DST.clip.safetensors).")
+@click.pass_obj
+def import_checkpoint(
+    params: Params, src: str, dst: str, name: str, pyramid: str | None, clip_weights: str | None, clip_out: str | None
+) -> None:
+    """Convert an official checkpoint into ours; `evaluate MODEL --checkpoint DST` and verify-reference read it.
 
-    written = import_official_checkpoint(src, dst, pyramid, clip_weights=clip_weights, clip_out=clip_out)
+    ProPy: DST is one file (trainable weights, model config, CLIP sha256 and path). A baseline (`--model msl`): DST
+    is a directory (model.safetensors + training.json); its model keys come from params.yaml `baselines.NAME.model`
+    (override with -s baselines.NAME.model.KEY=VALUE), its input feature sizes from the checkpoint.
+    """
+    from stages.models import model_spec
+
+    if model_spec(name).inputs == "frames":
+        from stages.models.propy_import import import_official_checkpoint
+
+        written = import_official_checkpoint(src, dst, pyramid, clip_weights=clip_weights, clip_out=clip_out)
+    else:
+        from stages.models.imported import import_baseline_checkpoint
+
+        if pyramid or clip_weights or clip_out:
+            raise PipelineError("--pyramid, --clip-weights and --clip-out are ProPy options")
+        written = import_baseline_checkpoint(name, src, dst, _baseline_config(params, name).model)
     click.echo(json.dumps(written, indent=1))
 
 
@@ -284,13 +311,12 @@ def train_propy(params: Params, local_overrides: tuple[str, ...]) -> None:
     click.echo(f"checkpoints in {run_train_propy(params.base(), params.config('train_propy', TrainPropyConfig))}")
 
 
-def _evaluate_propy(params: Params) -> dict[str, Any]:
+def _evaluate_propy(params: Params, checkpoint: str | None, metrics: str | None) -> dict[str, Any]:
     from stages.evaluate.evaluator import EvaluateConfig
     from stages.train.train_propy import TrainPropyConfig, run_evaluate_propy
 
-    return run_evaluate_propy(
-        params.base(), params.config("train_propy", TrainPropyConfig), params.config("evaluate", EvaluateConfig)
-    )
+    train, evaluation = params.config("train_propy", TrainPropyConfig), params.config("evaluate", EvaluateConfig)
+    return run_evaluate_propy(params.base(), train, evaluation, checkpoint, metrics)
 
 
 def _baseline_config(params: Params, name: str) -> Any:
@@ -303,25 +329,36 @@ def _baseline_config(params: Params, name: str) -> Any:
     return config_from_dict(BaselineStageConfig, section[name], f"{params.path}:baselines.{name}")
 
 
-def _evaluate_baseline(params: Params, name: str) -> dict[str, Any]:
+def _evaluate_baseline(params: Params, name: str, checkpoint: str | None, metrics: str | None) -> dict[str, Any]:
     from stages.evaluate.evaluator import EvaluateConfig
     from stages.train.train_baseline import run_evaluate_baseline
 
     evaluation = params.config("evaluate", EvaluateConfig)
-    return run_evaluate_baseline(params.base(), name, _baseline_config(params, name), evaluation)
+    return run_evaluate_baseline(params.base(), name, _baseline_config(params, name), evaluation, checkpoint, metrics)
 
 
 @cli.command("evaluate")
 @click.argument("model")
+@click.option(
+    "--checkpoint",
+    type=click.Path(),
+    help="Evaluate this model, not the trained one: a ProPy .pt file or a baseline directory (import-checkpoint).",
+)
+@click.option("--metrics", "metrics_path", help="Metrics file (default metrics/<dataset>/<model>[_<checkpoint>].json).")
 @section_overrides
 @click.pass_obj
-def evaluate(params: Params, model: str, local_overrides: tuple[str, ...]) -> None:
+def evaluate(
+    params: Params, model: str, checkpoint: str | None, metrics_path: str | None, local_overrides: tuple[str, ...]
+) -> None:
     """Evaluate a trained MODEL (propy or any baseline) on the held-out splits: metrics/<dataset>/<model>.json."""
     from stages.models import model_spec
 
     params.use("evaluate", local_overrides)
     spec = model_spec(model)
-    metrics = _evaluate_propy(params) if spec.inputs == "frames" else _evaluate_baseline(params, model)
+    if checkpoint and not metrics_path:  # beside, not over, the trained model's metrics (report shows both)
+        metrics_path = str(params.base().dataset_metrics / f"{model}_{Path(checkpoint).stem}.json")
+    run = _evaluate_propy if spec.inputs == "frames" else functools.partial(_evaluate_baseline, name=model)
+    metrics = run(params, checkpoint=checkpoint, metrics=metrics_path)
     click.echo(json.dumps({k: metrics[k] for k in ("split", "R1", "R5", "R10", "R100", "SumR") if k in metrics}))
 
 

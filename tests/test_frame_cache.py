@@ -130,7 +130,7 @@ def test_dataset_items_are_uint8_and_follow_the_sampling_rules(cache_root: Path)
     assert frames[:, 0, 0, 0].tolist() == eval_indices(40, 8).tolist()
     training = FrameDataset(str(cache_root), ids, nf=8, train=True, tail_fix=True, seed=7)
     training.set_epoch(3)
-    expected = train_indices(40, 8, np.random.default_rng([7, 3, 0]), tail_fix=True)
+    expected = train_indices(40, 8, np.random.RandomState([7, 3, 0]), tail_fix=True)
     assert training[0][0][:, 0, 0, 0].tolist() == expected.tolist()
     assert training[0][0].equal(training[0][0])  # deterministic
     training.set_epoch(4)

@@ -46,3 +46,39 @@ def test_schedule_without_warmup_starts_at_the_peak_and_apply_sets_every_group()
     opt = build_adamw(nn.Linear(2, 2).named_parameters(), lr=1.0, weight_decay=0.2)
     assert schedule.apply(opt, 0) == pytest.approx(2e-3)
     assert all(g["lr"] == pytest.approx(2e-3) for g in opt.param_groups)
+
+
+def test_schedule_is_the_official_one_with_a_fractional_warmup() -> None:
+    """The fixture's schedule: T = 8, S = 0.3 x 8 = 2.4 (not rounded), t <= S warms up, the cosine runs from S."""
+    schedule = WarmupCosine(peak_lr=8e-4, total_steps=8, warmup=0.3)
+    assert schedule.warmup_steps == pytest.approx(2.4)
+    official = [1e-8, 3.333392e-4, 6.666683e-4, 7.775533e-4]  # fixtures README, "Learning-rate schedule"
+    assert [schedule.lr(t) for t in range(4)] == pytest.approx(official, rel=1e-6)
+
+
+def test_whole_steps_option_rounds_the_warmup_down() -> None:
+    official = WarmupCosine(peak_lr=8e-4, total_steps=8, warmup=0.3)
+    whole = WarmupCosine(peak_lr=8e-4, total_steps=8, warmup=0.3, whole_steps=True)
+    assert whole.warmup_steps == 2.0
+    assert whole.lr(1) == pytest.approx(1e-8 + (8e-4 - 1e-8) / 2)  # a ramp of 2 steps instead of 2.4
+    assert whole.lr(2) == pytest.approx(8e-4) and official.lr(2) < 8e-4  # t = 2 is the cosine's first step
+    assert whole.lr(3) == pytest.approx(0.5 * 8e-4 * (1 + math.cos(math.pi / 6)))
+    assert [whole.lr(t) for t in range(8)] != pytest.approx([official.lr(t) for t in range(8)])
+
+
+def test_lr_floor_option_starts_and_ends_the_schedule() -> None:
+    floored = WarmupCosine(peak_lr=1e-3, total_steps=10, warmup=0.2)
+    plain = WarmupCosine(peak_lr=1e-3, total_steps=10, warmup=0.2, floor=0.0)
+    assert floored.lr(0) == LR_FLOOR and plain.lr(0) == 0.0
+    assert plain.lr(1) == pytest.approx(0.5e-3) and floored.lr(1) == pytest.approx(LR_FLOOR + (1e-3 - LR_FLOOR) / 2)
+    assert plain.lr(10) == pytest.approx(0.0, abs=1e-20) and floored.lr(10) == LR_FLOOR
+    assert floored.lr(5) == pytest.approx(plain.lr(5))  # the floor only matters where the rate would go below it
+
+
+def test_bias_rule_is_the_official_substring_rule() -> None:
+    model = nn.Module()
+    model.unbiased_prompt = nn.Parameter(torch.zeros(3))  # the substring anywhere in the name exempts it
+    model.weight = nn.Parameter(torch.zeros(3))
+    decay, no_decay = build_adamw(model.named_parameters(), lr=1e-3, weight_decay=0.2).param_groups
+    assert [id(p) for p in decay["params"]] == [id(model.weight)]
+    assert [id(p) for p in no_decay["params"]] == [id(model.unbiased_prompt)]

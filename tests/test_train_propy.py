@@ -176,3 +176,46 @@ def test_gpu_training_with_amp_then_evaluation(toy_base: BaseConfig) -> None:
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
     metrics = run_evaluate_propy(toy_base, cfg, replace(EvaluateConfig(), also_splits=()))
     assert metrics["num_videos"] == SPLITS["test"]
+
+
+def test_logit_scale_is_clamped_before_every_update_but_the_first(tiny_clip_weights: Path) -> None:
+    """The official loop clamps clip.logit_scale to [0.1, 4.6052] after each update: step 0 sees the raw value."""
+    from stages.models.clip_backbone import load_clip
+    from stages.models.propy import ProPy
+    from stages.train.train_propy import LOGIT_SCALE_RANGE, PropyStep, build_trainer
+
+    clip, arch = load_clip(tiny_clip_weights)
+    clip.logit_scale.data.fill_(5.0)
+    model = ProPy(clip, arch, TOY_MODEL).train()
+    trainer = build_trainer(model, TOY, steps_per_epoch=4, device=torch.device("cpu"))
+    step = PropyStep(model, trainer, torch.device("cpu"))
+    frames = torch.randn(2, 4, 3, 64, 64)
+    ids, labels = tokenize(["a red square", "a blue disc"], 12), torch.tensor([0, 1])
+    first, _ = step.loss(frames, ids, labels)
+    assert model.clip.logit_scale.item() == 5.0
+    trainer.progress.step = 1
+    second, _ = step.loss(frames, ids, labels)
+    assert model.clip.logit_scale.item() == pytest.approx(LOGIT_SCALE_RANGE[1])
+    assert step.last["logits"].abs().max() < first.new_tensor(100.0)  # exp(4.6052) = 100 bounds the logits
+    assert not torch.equal(first, second)
+
+
+def test_dead_parameters_are_trained_with_zero_gradients_or_frozen(tiny_clip_weights: Path) -> None:
+    from stages.models.clip_backbone import load_clip
+    from stages.models.propy import ProPy
+    from stages.train.train_propy import PropyStep, build_trainer
+
+    clip, arch = load_clip(tiny_clip_weights)
+    for decay in (True, False):
+        model = ProPy(clip, arch, TOY_MODEL).train()
+        dead = {id(p) for p in model.dead_parameters()}
+        assert len(dead) == 2 + 6  # postfix weight and bias, the last adapter's three layers
+        trainer = build_trainer(model, replace(TOY, decay_dead_parameters=decay), 4, torch.device("cpu"))
+        in_optimiser = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        assert (dead <= in_optimiser) == decay and (dead & in_optimiser == set()) != decay
+        loss, _ = PropyStep(model, trainer, torch.device("cpu")).loss(
+            torch.randn(2, 4, 3, 64, 64), tokenize(["a", "b"], 12), torch.tensor([0, 1])
+        )
+        loss.backward()
+        grads = [p.grad for p in model.dead_parameters()]
+        assert all(g is not None and not g.any() for g in grads) if decay else all(g is None for g in grads)

@@ -5,10 +5,12 @@
         loader.dataset.set_epoch(epoch)   # before iterating: workers copy the dataset when the iterator starts
         for frames, index in loader: ...
 
-Training indices are random but deterministic: item `index` of epoch `epoch` draws from a generator seeded with
-(seed, epoch, index), so a run gives the same frames whatever the number of workers, and a resumed run the same
-frames as an uninterrupted one. Do not use `persistent_workers=True` with training sets: workers would keep the
-epoch they started with.
+Training indices are random but deterministic: item `index` of epoch `epoch` draws from numpy's legacy
+`RandomState` (the official sampler's generator) seeded with (seed, epoch, index), so a run gives the same frames
+whatever the number of workers, and a resumed run the same frames as an uninterrupted one. The official loader
+instead draws from one stream per worker, reseeded by PyTorch at every epoch, which no other loader layout (or
+PyTorch version) reproduces; the rule that turns a draw into indices is the official one (`stages.data.sampling`).
+Do not use `persistent_workers=True` with training sets: workers would keep the epoch they started with.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class FrameDataset(torch.utils.data.Dataset):
         num_frames = self.cache.num_frames(self.video_ids[index])
         if not self.train:
             return eval_indices(num_frames, self.nf, self.tail_fix)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.RandomState([self.seed, self.epoch, index])
         return train_indices(num_frames, self.nf, rng, self.tail_fix)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

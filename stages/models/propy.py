@@ -282,6 +282,11 @@ class ProPy(nn.Module):
             raise PipelineError(
                 f"captions have {length} tokens, more than the context length {self.arch.context_length}"
             )
+        if int(text_ids.max()) >= self.arch.vocab_size:
+            raise PipelineError(
+                f"token id {int(text_ids.max())} is outside this CLIP's vocabulary of {self.arch.vocab_size} tokens "
+                "(captions are tokenised with the CLIP BPE of 49408 tokens)"
+            )
         x = clip.token_embedding(text_ids) + clip.positional_embedding[:length]
         eot = text_ids.argmax(dim=-1)
         token_pos, source = self._text_layout(eot, length)
@@ -347,6 +352,13 @@ class ProPy(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trainable parameters (everything but the frozen `clip.*`), detached."""
         return {name: value.detach() for name, value in self.state_dict().items() if not name.startswith("clip.")}
+
+    def dead_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters whose gradient is always zero: the postfix projection while its prompts are dead
+        (`postfix_fix=False`) and the last layer's adapter, whose frame outputs nothing reads (the official code
+        still trains both, so weight decay shrinks their weights)."""
+        dead = [] if self.config.postfix_fix else list(self.postfix_proj.parameters())
+        return dead + (list(self.adapters[-1].parameters()) if len(self.adapters) else [])
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load `trainable_state_dict()` output; every trainable parameter must be present with its shape."""

@@ -1,7 +1,9 @@
 """Official ProPy checkpoints (BUAAPY/ProPy `ckpt.pth.tar`): import, CLIP export and the reference check.
 
     python pipeline.py import-checkpoint ckpt.best.pth.tar models/propy_tvr.pt --pyramid cfg_32.json
+    python pipeline.py evaluate propy --checkpoint models/propy_tvr.pt              # score the imported model
     python pipeline.py verify-reference propy $PRVR_FIXTURES/propy_official/cfg32   # the official-code fixtures
+    python pipeline.py verify-reference propy $PRVR_FIXTURES/propy_official/cfg32 --checkpoint ours.pt  # an import
 
 An official checkpoint holds the whole model under `clip.` (frozen CLIP included) and no pyramid (the masks are
 rebuilt from the `pyr_configs/*.json` given at load time). Prompt counts, adapter width and kernel are read off the
@@ -69,6 +71,21 @@ def split_official_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torc
             block, rest = key.removeprefix("visual.transformer.resblocks.").split(_ADAPTER)
             trainable[f"adapters.{block}.{rest}"] = value
     return clip_state, trainable
+
+
+def official_name(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """One of our trainable tensors (or its optimiser moments) under its official name and shape (the inverse of
+    `split_official_state`): e.g. `visual_prompts` [layers, Nvp, W] -> `clip.visual_prompt_embedding` [1, Nvp,
+    layers*W]."""
+    if name == "event_prompts":
+        return "clip.visual.global_prompts", value.unsqueeze(0)
+    if name == "visual_prompts":
+        layers, nvp, width = value.shape
+        return "clip.visual_prompt_embedding", value.transpose(0, 1).reshape(1, nvp, layers * width)
+    if name.startswith("adapters."):
+        block, rest = name.removeprefix("adapters.").split(".", 1)
+        return f"clip.visual.transformer.resblocks.{block}{_ADAPTER}{rest}", value
+    return f"clip.{name}", value
 
 
 def _count_layers(clip_state: dict[str, torch.Tensor]) -> int:
@@ -190,6 +207,7 @@ def import_official_checkpoint(
             "model_config": model.config.to_dict(),
             "clip_arch": asdict(model.arch),
             "clip_sha256": digest,
+            "clip_weights": str(clip_path),
             "trainable": model.trainable_state_dict(),
             "epoch": int(payload.get("epoch", 0)),
             "step": int(payload.get("global_step", 0)),
@@ -207,28 +225,54 @@ def export_official_clip(src: str | Path, dst: str | Path) -> str:
     return save_clip(clip, dst)
 
 
-def load_propy(checkpoint: str | Path, clip_weights: str | Path) -> ProPy:
-    """A ProPy (eval mode) from one of our checkpoints and the CLIP weights file it references (sha256 checked)."""
+def load_propy(checkpoint: str | Path, clip_weights: str | Path | None = None, **overrides: Any) -> ProPy:
+    """A ProPy (eval mode) from one of our checkpoints and its CLIP weights file (sha256 checked).
+
+    The CLIP is `clip_weights` or, without it, the file recorded in the checkpoint (`import-checkpoint` records the
+    one it wrote or checked). `overrides` replace fields of the saved model config (e.g. `fast_path=False`).
+    """
     payload = load_checkpoint(checkpoint)
     if payload.get("model") != "propy":
         raise PipelineError(f"{checkpoint} holds model {payload.get('model')!r}, not propy")
+    clip_weights = clip_weights or payload.get("clip_weights")
+    if clip_weights is None:
+        raise PipelineError(f"{checkpoint} records no CLIP weights file; give the one it was trained on")
+    if not Path(clip_weights).is_file():
+        raise PipelineError(f"CLIP weights {clip_weights} (for {checkpoint}) do not exist")
     clip, arch = load_clip(clip_weights, expected_sha256=payload.get("clip_sha256"))
-    model = ProPy(clip, arch, ProPyConfig.from_dict(payload["model_config"], f"{checkpoint}:model_config"))
+    config = ProPyConfig.from_dict(payload["model_config"], f"{checkpoint}:model_config")
+    model = ProPy(clip, arch, replace(config, **overrides))
     model.load_trainable_state_dict(payload["trainable"])
     return model.eval()
 
 
-def check_reference(config_path: str | Path, checkpoint_path: str | Path, io_path: str | Path) -> dict[str, float]:
+def check_reference(
+    config_path: str | Path, checkpoint_path: str | Path, io_path: str | Path, model_file: str | Path | None = None
+) -> dict[str, float]:
     """Max abs errors of our port against an official fixture, for the fast path and (`faithful_*`) the official
     computation: text_features, event_features, logits, loss/t2v_loss/v2t_loss, attn_weights (official copies of
-    each visual prompt summed) and best_event (fraction of differing argmax events)."""
+    each visual prompt summed) and best_event (fraction of differing argmax events).
+
+    The model is built from the fixture's official checkpoint, or from `model_file`, one of our checkpoints (e.g. the
+    output of `import-checkpoint` on that official file, with the CLIP file it records).
+    """
     official = json.loads(Path(config_path).read_text())
-    payload = load_official_state(checkpoint_path)
     pyramid = PyramidConfig.from_official(official.get("pyr_config"), f"{config_path}:pyr_config")
     io = {key: torch.from_numpy(value) for key, value in np.load(io_path).items()}
+    if model_file is None:
+        payload = load_official_state(checkpoint_path)
+
+        def build(fast: bool) -> ProPy:
+            return build_from_official(payload, pyramid, official, fast_path=fast)[0]
+
+    else:
+
+        def build(fast: bool) -> ProPy:
+            return load_propy(model_file, fast_path=fast)
+
     errors: dict[str, float] = {}
     for fast in (True, False):
-        model, _ = build_from_official(payload, pyramid, official, fast_path=fast)
+        model = build(fast)
         with torch.no_grad():
             text = model.encode_queries(io["text_ids"])
             events = model.encode_videos(io["video"])
@@ -261,11 +305,12 @@ def _sum_official_copies(weights: torch.Tensor, model: ProPy) -> torch.Tensor:
     return torch.cat([weights[..., :ne], prompts, weights[..., ne + nvp * copies :]], dim=-1)
 
 
-@register_reference_check("propy")
-def propy_reference_check(prefix: str) -> dict[str, float]:
-    """The fixture PREFIX_config.json + PREFIX_official_ckpt.pth.tar + PREFIX_io.npz (fixtures README format)."""
+@register_reference_check("propy", reads_checkpoint=True)
+def propy_reference_check(prefix: str, checkpoint: str | None = None) -> dict[str, float]:
+    """The fixture PREFIX_config.json + PREFIX_official_ckpt.pth.tar + PREFIX_io.npz (fixtures README format);
+    with `checkpoint`, our model file is checked against the fixture instead of the official one."""
     paths = [Path(f"{prefix}_{suffix}") for suffix in ("config.json", "official_ckpt.pth.tar", "io.npz")]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise PipelineError(f"reference fixture files missing: {missing}")
-    return check_reference(*paths)
+    return check_reference(*paths, model_file=checkpoint)

@@ -74,6 +74,7 @@ class Trainer:
         self.dtype = autocast_dtype(device, amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.progress = LoopProgress()
+        self.grad_norm: torch.Tensor | None = None  # global gradient norm of the last update, before clipping
 
     @property
     def finished(self) -> bool:
@@ -104,7 +105,7 @@ class Trainer:
         average_gradients(self.parameters)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -35,7 +33,14 @@ from stages.evaluate.retrieval import resolve_device
 from stages.models import build_model, model_spec
 from stages.models.baselines.data import QueryDataset, VideoDataset, collate_queries, collate_videos
 from stages.models.baselines.preprocessing import PreprocessConfig
-from stages.models.trained import baseline_config, baseline_dir, load_trained_baseline
+from stages.models.trained import (
+    baseline_config,
+    baseline_dir,
+    baseline_selection,
+    load_baseline,
+    load_trained_baseline,
+    save_baseline,
+)
 from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
 
 MIL_PREPROCESS = PreprocessConfig(max_ctx_l=100_000, max_desc_l=1_000)  # every frame and token, L2-normalised
@@ -73,8 +78,6 @@ def run_train_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig) ->
         val_split=cfg.select_split,
     )
     result = train_baseline(model, datasets, train_cfg)
-    save_file(result.state_dict, str(out / "model.safetensors.tmp"))
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     record = {
         "model": name,
         "trained": True,
@@ -87,15 +90,23 @@ def run_train_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig) ->
         "features": str(store.path),
         "features_weights_sha256": store.info.weights_sha256,
     }
-    atomic_write_text(out / "training.json", json.dumps(record, indent=2, sort_keys=True))
-    return out
+    return save_baseline(out, result.state_dict, record)
 
 
-def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig, evaluation: EvaluateConfig) -> dict:
-    """Evaluate baseline `name` with the shared protocol and write metrics/<dataset>/<name>.json.
+def run_evaluate_baseline(
+    base: BaseConfig,
+    name: str,
+    cfg: BaselineStageConfig,
+    evaluation: EvaluateConfig,
+    checkpoint: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+) -> dict:
+    """Evaluate baseline `name` with the shared protocol and write metrics/<dataset>/<name>.json (or `metrics_path`).
 
     Like ProPy's file: the headline split at the top level, `evaluation.also_splits` under `splits`, and the same
     architecture at initialisation (same seed) under `untrained` when `evaluation.untrained_reference` is set.
+    `checkpoint` evaluates the baseline saved in that directory (e.g. by `import-checkpoint`) with its own config
+    instead of the trained one.
     """
     store = FeatureStore(base.features_path())
     device = resolve_device(evaluation.protocol.scoring.device)
@@ -120,14 +131,25 @@ def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig,
         batches = (b.to(device) for b in videos), (b.to(device) for b in texts)
         return evaluate_encoder(model.to(device), *batches, gt, protocol, module=model)
 
+    if checkpoint is not None and not model_spec(name).trainable:
+        raise PipelineError(f"{name} has no weights: evaluate it without --checkpoint")
     if not model_spec(name).trainable:
         evaluated = {q.video_id for q in annotations if q.split in splits}
         model: nn.Module = build_model(name, max_frames=max(store.videos.shape(v)[0] for v in evaluated))
         preprocess, selection, untrained = MIL_PREPROCESS, {"rule": "none (no training)"}, None
+    elif checkpoint is not None:
+        model, config, record = load_baseline(checkpoint, name)
+        dims = (config.visual_input_size, config.query_input_size)
+        if _feature_dims(store) != dims:
+            raise PipelineError(
+                f"{checkpoint} reads features of sizes (video, text) {dims}, {store.path} holds {_feature_dims(store)}"
+            )
+        selection, preprocess = baseline_selection(record), config.preprocess()
     else:
         config = baseline_config(name, cfg.model, _feature_dim(store))
         model, selection = load_trained_baseline(baseline_dir(base, name), config)
         preprocess = config.preprocess()
+    if model_spec(name).trainable:
         torch.manual_seed(cfg.train.seed + base.seed)
         untrained = build_model(name, cfg=config) if evaluation.untrained_reference else None
     headline = evaluation.protocol.split
@@ -136,12 +158,17 @@ def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig,
     metrics["splits"] = {split: score(model, preprocess, split, quick) for split in evaluation.also_splits}
     if untrained is not None:
         metrics["untrained"] = score(untrained, preprocess, headline, quick)
-    write_metrics(base.dataset_metrics / f"{name}.json", metrics)
+    write_metrics(metrics_path or base.dataset_metrics / f"{name}.json", metrics)
     return metrics
 
 
 def _feature_dim(store: FeatureStore) -> int:
-    first = next(iter(store.videos), None)
-    if first is None:
-        raise PipelineError(f"{store.path} holds no video features; run `python pipeline.py features`")
-    return store.videos.shape(first)[1]
+    return _feature_dims(store)[0]
+
+
+def _feature_dims(store: FeatureStore) -> tuple[int, int]:
+    """(video, text) feature sizes of the store."""
+    video, text = next(iter(store.videos), None), next(iter(store.texts), None)
+    if video is None or text is None:
+        raise PipelineError(f"{store.path} holds no video or text features; run `python pipeline.py features`")
+    return store.videos.shape(video)[1], store.texts.shape(text)[1]

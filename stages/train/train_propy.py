@@ -13,7 +13,14 @@
 Training follows the official code (docs/propy_official_code.md §4-6): batches of `batch_videos` videos per rank,
 each with all its captions; the symmetric multi-positive InfoNCE over the MIL similarity of the global batch
 (embeddings are all-gathered with gradients across ranks); AdamW with 10 % warm-up and a cosine schedule; gradient
-clipping at 1.0; AMP on GPUs. Frames are read as uint8 from the cache and normalised on the device.
+clipping at 1.0; the official clamp of `logit_scale`; AMP on GPUs. Frames are read as uint8 from the cache and
+normalised on the device. `python pipeline.py verify-reference propy-train PREFIX` runs `build_trainer` and
+`PropyStep` against steps of the official loop.
+
+Deliberate differences from the official loop are named options, official by default: `lr_floor` (the 1e-8 start
+and floor of the schedule), `warmup_whole_steps` (the official warm-up length is not rounded) and
+`decay_dead_parameters` (parameters that never get a gradient, the postfix projection and the last layer's adapter,
+stay in AdamW, so their weights decay).
 
 Outputs (`cache/<dataset>/propy/`): `last.pt` (everything needed to resume, written every epoch and every
 `checkpoint_every_steps` updates) and `best.pt` (the selected epoch's trainable parameters and config); the
@@ -60,9 +67,10 @@ from stages.train.distributed import (
     world_info_from_env,
 )
 from stages.train.loop import LoopConfig, Trainer, resolve_device
-from stages.train.optim import WarmupCosine, build_adamw
+from stages.train.optim import LR_FLOOR, WarmupCosine, build_adamw
 
 MODEL_NAME = "propy"
+LOGIT_SCALE_RANGE = (0.1, 4.6052)  # the official in-place clamp of the (frozen) clip.logit_scale after every update
 # Keys that change how fast training runs or where it stops, not what it computes: a checkpoint written under
 # other values of these keys can be resumed.
 _RUNTIME_KEYS = ("checkpoint_every_steps", "max_steps", "num_workers", "device", "eval_batch_videos", "threads")
@@ -79,6 +87,9 @@ class TrainPropyConfig:
     warmup: float = 0.1  # fraction of all steps spent warming up linearly from 1e-8
     weight_decay: float = 0.2  # AdamW decay of every non-bias trainable parameter
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    lr_floor: float = LR_FLOOR  # official 1e-8: the warm-up starts there and the rate never falls below; 0: 0 to 0
+    warmup_whole_steps: bool = False  # False = official (warm-up of warmup x steps, unrounded); True rounds it down
+    decay_dead_parameters: bool = True  # True = official: never-used parameters stay in AdamW (their weights decay)
     max_words: int = 32  # tokens per caption, SOT and EOT included
     tail_fix: bool = False  # False = official TSN sampling (drops each video's last frames); True covers them
     train_split: str = "train"
@@ -92,6 +103,8 @@ class TrainPropyConfig:
     eval_batch_videos: int = 16  # videos per forward pass when scoring the selection split
 
     def __post_init__(self) -> None:
+        if self.lr_floor < 0 or self.lr_floor > self.lr:
+            raise PipelineError(f"train_propy.lr_floor must lie in [0, lr = {self.lr}], got {self.lr_floor}")
         if not self.select_split:
             raise PipelineError(
                 "train_propy.select_split must name a split (val, or test as the official code) or `last`"
@@ -163,6 +176,59 @@ def evaluate_propy(
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def build_trainer(model: ProPy, cfg: TrainPropyConfig, steps_per_epoch: int, device: torch.device) -> Trainer:
+    """The optimiser, schedule, clipping and loop of `train-propy` for `model` (verify-reference runs this too).
+
+    With `decay_dead_parameters=False` the parameters that never get a gradient (`ProPy.dead_parameters`) are
+    frozen: outside the optimiser their weights no longer decay; the model's outputs are the same either way.
+    """
+    if not cfg.decay_dead_parameters:
+        for param in model.dead_parameters():
+            param.requires_grad_(False)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_adamw(model.named_parameters(), cfg.lr, cfg.weight_decay)
+    schedule = WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, cfg.warmup, cfg.lr_floor, cfg.warmup_whole_steps)
+    loop = LoopConfig(cfg.epochs, steps_per_epoch, cfg.grad_clip, cfg.checkpoint_every_steps, cfg.max_steps)
+    return Trainer(parameters, optimizer, schedule, device, cfg.amp, loop)
+
+
+class PropyStep:
+    """The loss of one `train-propy` batch: forward of frames and captions, the official loss on the global batch.
+
+    Before every update but the first, `clip.logit_scale` is clamped in place to `LOGIT_SCALE_RANGE`, which is where
+    the official loop clamps it after each update (a no-op for OpenAI's CLIP, whose value is ln 100). Dead
+    parameters that train get a zero gradient, as officially (the fast path does not even run the last adapter), so
+    AdamW steps and decays them. `last` holds the logits and the two halves of the loss of the latest batch.
+    """
+
+    def __init__(self, model: ProPy, trainer: Trainer, device: torch.device) -> None:
+        self.model, self.trainer, self.device = model, trainer, device
+        self.dead = [p for p in model.dead_parameters() if p.requires_grad]
+        self.last: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """A collated batch: uint8 frames [B, Nf, S, S, 3], token ids, caption labels -> (loss, videos)."""
+        frames, text_ids, labels = (t.to(self.device, non_blocking=True) for t in batch)
+        return self.loss(normalize_frames(frames), text_ids, labels)
+
+    def loss(self, frames: torch.Tensor, text_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """CLIP-normalised frames [B, Nf, 3, H, W], token ids [Nt, L], caption labels [Nt] -> (loss, videos)."""
+        if self.trainer.progress.step > 0:
+            with torch.no_grad():
+                self.model.clip.logit_scale.clamp_(*LOGIT_SCALE_RANGE)
+        for param in self.dead:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        videos = self.model.encode_videos(frames)
+        queries = self.model.encode_queries(text_ids)
+        videos, queries, labels = gather_embeddings(videos, queries, labels)
+        logits = self.model.similarity(queries, videos)
+        loss, t2v, v2t = propy_loss(logits, labels)
+        self.last = {"logits": logits, "loss": loss, "t2v_loss": t2v, "v2t_loss": v2t}
+        self.last = {key: value.detach() for key, value in self.last.items()}
+        return loss, videos.shape[0]
+
+
 def history_path(base: BaseConfig) -> Path:
     """The per-epoch history (a DVC plot)."""
     return base.dataset_metrics / f"{MODEL_NAME}_history.tsv"
@@ -207,11 +273,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
     dataset = FrameDataset(cache, corpus.video_ids, nf, train=True, tail_fix=cfg.tail_fix, seed=base.seed)
     sampler = GlobalBatchSampler(len(dataset), cfg.batch_videos, world, base.seed)
     collate = CaptionCollate(corpus.captions(), cfg.max_words)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_adamw(model.named_parameters(), cfg.lr, cfg.weight_decay)
-    schedule = WarmupCosine(cfg.lr, cfg.epochs * len(sampler), cfg.warmup)
-    loop = LoopConfig(cfg.epochs, len(sampler), cfg.grad_clip, cfg.checkpoint_every_steps, cfg.max_steps)
-    trainer = Trainer(parameters, optimizer, schedule, device, cfg.amp, loop)
+    trainer = build_trainer(model, cfg, len(sampler), device)
     out = propy_dir(base)
     fingerprint = run_fingerprint(base, cfg, clip_sha256, world, corpus.video_ids)
     if not _resume(out / "last.pt", fingerprint, model, trainer) and is_main_process():
@@ -227,14 +289,6 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
         sampler.set_epoch(epoch, start)
         loader = _loader(dataset, cfg.num_workers, device.type == "cuda", batch_sampler=sampler, collate_fn=collate)
         yield from loader
-
-    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        frames, text_ids, labels = (t.to(device, non_blocking=True) for t in batch)
-        videos = model.encode_videos(normalize_frames(frames))
-        queries = model.encode_queries(text_ids)
-        videos, queries, labels = gather_embeddings(videos, queries, labels)
-        loss, _, _ = propy_loss(model.similarity(queries, videos), labels)
-        return loss, videos.shape[0]
 
     def save() -> None:
         if is_main_process():
@@ -270,7 +324,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
         barrier()
         return extra
 
-    finished = trainer.fit(batches, loss_fn, save, end_epoch)
+    finished = trainer.fit(batches, PropyStep(model, trainer, device), save, end_epoch)
     if is_main_process():
         _write_history(history_path(base), trainer.progress.history)
         state = "finished" if finished else f"stopped at step {trainer.progress.step} (max_steps); run again to resume"
@@ -337,12 +391,20 @@ def _log(message: str) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate the trained ProPy (and, as a reference, the same model before training); write the metrics file."""
+def run_evaluate_propy(
+    base: BaseConfig,
+    cfg: TrainPropyConfig,
+    eval_cfg: EvaluateConfig,
+    checkpoint: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate the trained ProPy (and, as a reference, the same model before training); write the metrics file
+    (`metrics/<dataset>/propy.json` or `metrics_path`). `checkpoint` evaluates that model file instead, e.g. an
+    official checkpoint converted by `import-checkpoint` (the frames must be decoded at its number of frames)."""
     device = resolve_device(cfg.device, WorldInfo())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, selection = load_trained_propy(base, device)
+    model, selection = load_trained_propy(base, device, checkpoint)
     headline = eval_cfg.protocol.split
 
     def score(model: ProPy, corpus: Corpus, protocol: EvalConfig) -> dict[str, Any]:
@@ -359,9 +421,9 @@ def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: Evalua
     quick = dataclasses.replace(eval_cfg.protocol, measure_efficiency=False)
     metrics["splits"] = {split: score(model, load_corpus(base, split), quick) for split in eval_cfg.also_splits}
     if eval_cfg.untrained_reference:
-        untrained = build_propy(base, model.config, device)
+        untrained = build_propy(base, model.config, device, clip=(model.clip, model.arch))
         metrics["untrained"] = score(untrained, corpus, quick)
-    path = base.dataset_metrics / f"{MODEL_NAME}.json"
+    path = Path(metrics_path) if metrics_path else base.dataset_metrics / f"{MODEL_NAME}.json"
     write_metrics(path, metrics)
     _log(f"evaluate propy: {headline} R1 {metrics['R1']:.2f} SumR {metrics['SumR']:.2f} -> {path}")
     return metrics
