@@ -386,13 +386,104 @@ def train_baseline(params: Params, name: str, local_overrides: tuple[str, ...]) 
 
 @cli.command("report")
 @section_overrides
+@click.option(
+    "--readme",
+    "readme",
+    is_flag=False,
+    flag_value="README.md",
+    default=None,
+    metavar="[FILE]",
+    help="Also rewrite the summary block of FILE (default README.md) from the new report.",
+)
 @click.pass_obj
-def report(params: Params, local_overrides: tuple[str, ...]) -> None:
+def report(params: Params, local_overrides: tuple[str, ...], readme: str | None) -> None:
     """Write reports/<dataset>.md: every evaluated model beside the papers' numbers for the dataset."""
+    from stages.evaluate.evaluator import EvaluateConfig
     from stages.evaluate.report import ReportConfig, run_report
 
     params.use("report", local_overrides)
-    click.echo(f"wrote {run_report(params.base(), params.config('report', ReportConfig))}")
+    bootstrap = params.config("evaluate", EvaluateConfig).protocol.bootstrap
+    cfg = params.config("report", ReportConfig)
+    path = run_report(params.base(), cfg, _model_configs(params), bootstrap, Path(readme) if readme else None)
+    click.echo(f"wrote {path}" + (f" and the summary of {readme}" if readme else ""))
+
+
+def _model_configs(params: Params) -> dict[str, Any]:
+    """Each model's typed model config from params.yaml (what a report row's configuration is compared with)."""
+    from stages.data.config import config_from_dict
+    from stages.models import model_spec
+    from stages.train.train_propy import TrainPropyConfig
+
+    configs: dict[str, Any] = {"propy": params.config("train_propy", TrainPropyConfig).model}
+    for name, entry in params.section("baselines").items():
+        spec = model_spec(name)
+        if spec.config is not None:
+            model = (entry or {}).get("model", {})
+            configs[name] = config_from_dict(spec.config, model, f"{params.path}:baselines.{name}.model")
+    return configs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeds and figures
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("seeds")
+@click.option("--seeds", "seeds_text", required=True, metavar="N,N,...", help="Training seeds, e.g. 43,44.")
+@click.option(
+    "--models", "models_text", default="", metavar="NAME,...", help="Models (default: every trainable one in params)."
+)
+@click.option("--missing-only", is_flag=True, help="Skip the (seed, model) runs whose metrics file exists.")
+@click.pass_obj
+def seeds(params: Params, seeds_text: str, models_text: str, missing_only: bool) -> None:
+    """Re-train and re-evaluate models with other seeds: metrics/<dataset>/seeds/seed<N>/<model>.json."""
+    from stages.evaluate.evaluator import EvaluateConfig
+    from stages.models import model_spec
+    from stages.train.seeds import run_seeds
+    from stages.train.train_propy import TrainPropyConfig
+
+    seed_list = _integers(seeds_text, "--seeds")
+    baselines = {name: _baseline_config(params, name) for name in params.section("baselines")}
+    default = ["propy", *(name for name in baselines if model_spec(name).trainable)]
+    models = [m.strip() for m in models_text.split(",") if m.strip()] or default
+    propy = params.config("train_propy", TrainPropyConfig)
+    evaluation = params.config("evaluate", EvaluateConfig)
+    written = run_seeds(params.base(), seed_list, models, propy, baselines, evaluation, missing_only)
+    click.echo("\n".join(f"wrote {path}" for path in written) or "nothing to do")
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+@cli.command("figures")
+@section_overrides
+@click.pass_obj
+def figures(params: Params, local_overrides: tuple[str, ...]) -> None:
+    """Draw figures/<dataset>/*.png (training curves, efficiency, corpus size, ProPy Figures 4-5, event map)."""
+    from stages.evaluate.evaluator import EvaluateConfig
+    from stages.evaluate.figures import FiguresConfig, run_figures
+    from stages.evaluate.propy_figures import PropyInputs
+    from stages.train.train_propy import TrainPropyConfig
+
+    params.use("figures", local_overrides)
+    propy = params.config("train_propy", TrainPropyConfig)
+    evaluation = params.config("evaluate", EvaluateConfig)
+    inputs = PropyInputs(
+        split=evaluation.protocol.split,
+        max_words=propy.max_words,
+        tail_fix=propy.tail_fix,
+        amp=propy.amp,
+        device=propy.device,
+        threads=propy.threads,
+        batch_videos=evaluation.batch_videos,
+        batch_queries=evaluation.batch_queries,
+    )
+    written = run_figures(params.base(), params.config("figures", FiguresConfig), inputs)
+    click.echo("\n".join(f"wrote {path}" for path in written))
 
 
 if __name__ == "__main__":

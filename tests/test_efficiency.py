@@ -10,10 +10,11 @@ from torch import Tensor, nn
 from stages.evaluate.efficiency import (
     EfficiencyConfig,
     bytes_per_video,
-    median_ms,
+    median_and_iqr,
     parameter_counts,
     probe_latency,
     synthetic_corpus,
+    timed_ms,
 )
 from stages.evaluate.retrieval import ScoringConfig
 
@@ -40,33 +41,39 @@ def test_synthetic_corpus_is_seeded_and_shaped() -> None:
     assert corpus.float().std() > 0.5
 
 
-def test_median_ms_times_the_call() -> None:
+def test_timed_ms_returns_the_result_and_the_time() -> None:
+    def work() -> str:
+        time.sleep(0.004)
+        return "done"
+
+    result, elapsed = timed_ms(work, torch.device("cpu"))
+    assert result == "done" and 4.0 <= elapsed < 200.0
+
+
+def test_median_and_iqr() -> None:
+    assert median_and_iqr([3.0]) == (3.0, 0.0)
+    assert median_and_iqr([5.0, 1.0, 2.0, 4.0, 3.0]) == (3.0, 2.0)  # quartiles 2 and 4
+
+
+def test_probe_latency_times_encoding_and_matching_in_the_same_runs() -> None:
+    queries = torch.randn(4, 16)
     calls = []
 
-    def work() -> None:
-        calls.append(1)
-        time.sleep(0.004)
-
-    elapsed = median_ms(work, repeats=3, device=torch.device("cpu"))
-    assert len(calls) == 4  # one warm-up, three timed
-    assert 4.0 <= elapsed < 200.0
-
-
-def test_probe_latency_reports_per_query_times_at_each_size() -> None:
-    queries = torch.randn(4, 16)
-
     def encode_queries() -> Tensor:
+        calls.append(1)
         time.sleep(0.02)  # a slow text encoder: 5 ms per query
         return queries
 
-    config = EfficiencyConfig(corpus_sizes=(100, 2000), repeats=2, top_k=10)
+    config = EfficiencyConfig(corpus_sizes=(100, 2000), repeats=3, top_k=10)
     result = probe_latency(queries, (6, 16), torch.float32, config, CPU, encode_queries=encode_queries)
-    assert result["query_batch"] == 4 and result["device"] == "cpu"
-    matching, total = result["matching_ms_per_query"], result["total_ms_per_query"]
-    assert set(matching) == set(total) == {"100", "2000"}
+    assert result["query_batch"] == 4 and result["device"] == "cpu" and result["repeats"] == 3
+    assert len(calls) == 2 * (1 + 3)  # per size: one warm-up run and three timed runs, each encoding once
+    encoding, matching, total = (result[f"{part}_ms_per_query"] for part in ("encoding", "matching", "total"))
+    assert set(encoding) == set(matching) == set(total) == set(result["matching_ms_per_query_iqr"]) == {"100", "2000"}
     for size in ("100", "2000"):
-        assert 0 < matching[size] < 1000
-        assert total[size] >= 5.0  # the encoder alone takes 5 ms per query
+        assert 5.0 <= encoding[size] < 1000 and 0 < matching[size] < 1000
+        assert total[size] == encoding[size] + matching[size]  # the parts add up
+        assert result["encoding_ms_per_query_iqr"][size] >= 0 and result["total_ms_per_query_iqr"][size] >= 0
     assert "peak_gpu_mb" not in result
 
 
@@ -81,4 +88,4 @@ def test_probe_latency_with_a_custom_score_fn_and_no_encoder() -> None:
         torch.randn(2, 8), (3, 8), torch.float32, EfficiencyConfig(corpus_sizes=(50,), repeats=1), CPU, score_fn
     )
     assert seen and all(shape[1:] == (3, 8) for shape in seen)
-    assert set(result) == {"query_batch", "device", "matching_ms_per_query"}
+    assert set(result) == {"query_batch", "device", "repeats", "matching_ms_per_query", "matching_ms_per_query_iqr"}

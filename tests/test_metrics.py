@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,15 @@ from click.testing import CliRunner
 
 from stages.data.errors import PipelineError
 from stages.evaluate.evaluator import write_metrics
-from stages.evaluate.metrics import gt_ranks, prvr_metrics, prvr_metrics_from_ranks
+from stages.evaluate.metrics import (
+    BootstrapConfig,
+    ground_truth_digest,
+    gt_ranks,
+    paired_bootstrap,
+    prvr_metrics,
+    prvr_metrics_from_ranks,
+    recall_at_corpus_sizes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,6 +132,8 @@ def test_score_matrix_prints_the_metrics_as_json(cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
     assert (metrics["R1"], metrics["R100"], metrics["MedR"], metrics["MeanR"]) == (0.3, 33.5, 151.5, 151.401)
+    low, high = metrics["ci"]["R100"]  # the intervals are printed too
+    assert low < 33.5 < high and high - low < 10
 
 
 @pytest.mark.parametrize(
@@ -160,6 +171,7 @@ def test_score_matrix_names_a_missing_or_unreadable_file(cli, tmp_path: Path) ->
 
 def test_write_metrics_is_sorted_rounded_and_keeps_the_unrounded_sumr(tmp_path: Path) -> None:
     metrics = {"split": "test", **prvr_metrics_from_ranks(torch.tensor([1, 6, 11])), "moments": {"0.5-r1": 1 / 3}}
+    metrics["ranks"] = [1, 6, 11]
     path = tmp_path / "metrics" / "synthetic" / "propy.json"
     write_metrics(path, metrics)
     text = path.read_text()
@@ -168,7 +180,120 @@ def test_write_metrics_is_sorted_rounded_and_keeps_the_unrounded_sumr(tmp_path: 
     assert written["R1"] == 33.3333 and written["moments"]["0.5-r1"] == 0.333333
     assert written["SumR"] == 233.333  # 100/3 + 100/3 + 200/3 + 100, rounded once
     assert written["split"] == "test"
+    assert '"ranks": [1, 6, 11]' in text and '"R1": [' in text  # lists of numbers stay on one line
     assert not list(path.parent.glob("*.tmp"))
     with pytest.raises(PipelineError, match="NaN"):
         write_metrics(path, {"R1": float("nan")})
     assert json.loads(path.read_text()) == written  # a failed write leaves the previous file intact
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals, paired comparisons, recall against corpus size
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ranks_with_hit_rate(rate: float, count: int, seed: int) -> np.ndarray:
+    """`count` ranks of which a fraction `rate` (exactly) is 1 and the rest lies in 2..50, shuffled."""
+    rng = np.random.default_rng(seed)
+    hits = round(rate * count)
+    ranks = np.concatenate([np.ones(hits, dtype=np.int64), rng.integers(2, 51, count - hits)])
+    return rng.permutation(ranks)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.6])
+def test_bootstrap_interval_of_r1_matches_the_binomial_interval(rate: float) -> None:
+    count = 2000
+    metrics = prvr_metrics_from_ranks(_ranks_with_hit_rate(rate, count, seed=1))
+    assert metrics["R1"] == pytest.approx(100 * rate)
+    half_width = 100 * 1.959964 * np.sqrt(rate * (1 - rate) / count)  # normal approximation of Binomial(n, p) / n
+    low, high = metrics["ci"]["R1"]
+    assert low == pytest.approx(100 * rate - half_width, abs=0.12 * half_width)
+    assert high == pytest.approx(100 * rate + half_width, abs=0.12 * half_width)
+
+
+def test_every_metric_has_an_interval_around_it_and_the_bootstrap_is_seeded() -> None:
+    ranks = np.random.default_rng(3).integers(1, 300, 500)
+    metrics = prvr_metrics_from_ranks(ranks)
+    for key in ("R1", "R5", "R10", "R100", "SumR", "MedR", "MeanR"):
+        low, high = metrics["ci"][key]
+        assert low <= metrics[key] <= high and low < high, key
+    assert prvr_metrics_from_ranks(ranks)["ci"] == metrics["ci"]
+    assert prvr_metrics_from_ranks(ranks, BootstrapConfig(seed=1))["ci"] != metrics["ci"]
+    narrow = prvr_metrics_from_ranks(ranks, BootstrapConfig(level=0.5))["ci"]["SumR"]
+    assert metrics["ci"]["SumR"][0] < narrow[0] < narrow[1] < metrics["ci"]["SumR"][1]
+    assert "ci" not in prvr_metrics_from_ranks(ranks, None)
+    assert "ci" not in prvr_metrics_from_ranks(ranks, BootstrapConfig(resamples=0))
+
+
+def test_the_bootstrap_takes_seconds_at_tvr_size() -> None:
+    ranks = np.random.default_rng(0).integers(1, 2180, 10895)  # TVR val: 10,895 queries over 2,179 videos
+    started = time.perf_counter()
+    prvr_metrics_from_ranks(ranks)
+    assert time.perf_counter() - started < 30
+
+
+def _two_models(count: int, improved: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Model A's ranks, and model B's: A's with a fraction `improved` of the queries moved to rank 1."""
+    rng = np.random.default_rng(seed)
+    ranks_a = rng.integers(1, 120, count)
+    ranks_b = ranks_a.copy()
+    ranks_b[rng.random(count) < improved] = 1
+    return ranks_a, ranks_b
+
+
+def test_paired_bootstrap_detects_a_planted_difference_that_an_unpaired_one_misses() -> None:
+    ranks_a, ranks_b = _two_models(500, improved=0.02, seed=0)
+    truth = prvr_metrics_from_ranks(ranks_b, None)["SumR"] - prvr_metrics_from_ranks(ranks_a, None)["SumR"]
+    result = paired_bootstrap(ranks_b, ranks_a, BootstrapConfig())
+    assert result["delta_SumR"] == pytest.approx(truth) and truth > 0
+    low, high = result["ci"]
+    assert 0 < low < truth < high and result["excludes_zero"]
+    reverse = paired_bootstrap(ranks_a, ranks_b, BootstrapConfig())
+    assert reverse["delta_SumR"] == pytest.approx(-truth) and reverse["excludes_zero"]
+    # scored on independent resamples, the same two models overlap: the pairing is what finds the difference
+    interval_a = prvr_metrics_from_ranks(ranks_a, BootstrapConfig(seed=1))["ci"]["SumR"]
+    interval_b = prvr_metrics_from_ranks(ranks_b, BootstrapConfig(seed=2))["ci"]["SumR"]
+    assert interval_b[0] < interval_a[1]
+
+
+def test_paired_bootstrap_rarely_flags_a_null_difference() -> None:
+    flagged = []
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        skill = rng.integers(1, 60, 300)  # the queries' difficulty, shared by both models
+        ranks_a = skill + rng.integers(0, 20, 300)  # two equally good models with their own noise
+        ranks_b = skill + rng.integers(0, 20, 300)
+        flagged.append(paired_bootstrap(ranks_a, ranks_b, BootstrapConfig(resamples=400))["excludes_zero"])
+    assert sum(flagged) <= 10  # a 95 % interval excludes a true zero about 5 times in 100
+    identical = paired_bootstrap(skill, skill, BootstrapConfig())
+    assert identical == {"delta_SumR": 0.0, "ci": [0.0, 0.0], "excludes_zero": False}
+
+
+def test_paired_bootstrap_needs_the_same_queries() -> None:
+    with pytest.raises(PipelineError, match="same queries"):
+        paired_bootstrap(np.ones(3), np.ones(4), BootstrapConfig())
+
+
+def test_recall_at_corpus_size_is_exact_and_ends_at_the_full_corpus_recall() -> None:
+    ranks = np.random.default_rng(0).integers(1, 41, 200)
+    full = prvr_metrics_from_ranks(ranks, None)
+    curves = recall_at_corpus_sizes(ranks, 40, [1, 5, 20, 40])
+    assert curves["size"] == [1, 5, 20, 40]
+    assert [curves[f"R{k}"][-1] for k in (1, 5, 10)] == pytest.approx([full["R1"], full["R5"], full["R10"]])
+    assert curves["R1"][0] == pytest.approx(100.0) and curves["R5"][1] == pytest.approx(100.0)
+    assert curves["R1"] == sorted(curves["R1"], reverse=True)
+    # against sampling sub-corpora: query i keeps each of its rank - 1 videos ahead with probability (n-1)/(N-1)
+    rng = np.random.default_rng(1)
+    trials = 3000
+    kept_ahead = np.stack([(rng.permutation(39)[:19][None, :] < (ranks - 1)[:, None]).sum(1) for _ in range(trials)])
+    assert curves["R1"][2] == pytest.approx(100 * (kept_ahead == 0).mean(), abs=1.0)
+    assert curves["R5"][2] == pytest.approx(100 * (kept_ahead < 5).mean(), abs=1.0)
+    with pytest.raises(PipelineError, match="corpus sizes"):
+        recall_at_corpus_sizes(ranks, 40, [41])
+
+
+def test_ground_truth_digest_names_the_queries() -> None:
+    gt = torch.tensor([0, 2, 1])
+    assert ground_truth_digest(gt, 3) == ground_truth_digest(np.array([0, 2, 1], dtype=np.int32), 3)
+    assert ground_truth_digest(gt, 3) != ground_truth_digest(gt, 4)
+    assert ground_truth_digest(gt, 3) != ground_truth_digest(torch.tensor([0, 1, 2]), 3)

@@ -1,8 +1,9 @@
 """End to end: `dvc repro` of the real dvc.yaml and pipeline.py on a copy of the repository, with tiny params.
 
 It runs every stage (synth -> pretrain_clip -> prepare -> decode -> features -> train_propy / train_baseline@* ->
-evaluate_propy / evaluate@* -> report) in subprocesses, as a user's `dvc repro` does, then checks that a second `dvc repro` has
-nothing to do. About two minutes on two CPU cores.
+evaluate_propy / evaluate@* -> report, figures) in subprocesses, as a user's `dvc repro` does, then checks that a
+second `dvc repro` has nothing to do and that `dvc plots show` writes a page with every figure. About two minutes on
+two CPU cores.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def test_dvc_repro_runs_every_stage_then_has_nothing_to_do(tmp_path: Path) -> No
         assert metrics["split"] == "test" and 0.0 <= metrics["R1"] <= 100.0, model
     assert "0.5-r10" in json.loads((repo / "metrics/synthetic/propy.json").read_text())["moments"]
     report = (repo / "reports" / "synthetic.md").read_text()
-    assert all(f"| {model} |" in report for model in models)
+    assert all(f"| `{model}` |" in report for model in models)
     assert (repo / "metrics/synthetic/propy_history.tsv").read_text().startswith("epoch")
     assert "up to date" in _run([str(Path(bin_dir) / "dvc"), "repro"], repo, env)
+    figures = sorted(path.name for path in (repo / "figures" / "synthetic").glob("*.png"))
+    assert {"training_curves.png", "efficiency_tradeoff.png", "propy_selected_events.png"} <= set(figures)
+    _run([str(Path(bin_dir) / "dvc"), "plots", "show"], repo, env)
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert page.count("<img ") == len(figures) and "<script" not in page  # every figure, nothing to download

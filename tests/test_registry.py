@@ -30,7 +30,7 @@ def test_every_trainable_baseline_names_its_config_and_builds_from_it() -> None:
         spec = model_spec(name)
         if spec.trainable:
             assert spec.config is not None, name
-            assert callable(getattr(build_model(name, cfg=spec.config()), "score_fn")), name
+            assert callable(build_model(name, cfg=spec.config()).score_fn), name
 
 
 def test_unknown_model_names_the_registered_ones() -> None:

@@ -24,11 +24,21 @@ class BaseConfig:
     metrics_dir: str = "metrics"
     clip_weights: str = "cache/synthetic/clip_tiny.safetensors"
     clip_arch: str = "vit-b-32"  # architecture name of clip_weights (checked on load); names the feature store
+    run: str = ""  # a named run (e.g. seeds/seed43): its models and metrics go to <run>/ subfolders; inputs are shared
+
+    def __post_init__(self) -> None:
+        if Path(self.run).is_absolute() or ".." in Path(self.run).parts:
+            raise PipelineError(f"base.run must be a relative folder name like seeds/seed43, got {self.run!r}")
 
     @property
     def dataset_cache(self) -> Path:
         """`cache/<dataset>`: every artefact derived from this dataset."""
         return Path(self.cache_dir) / self.dataset
+
+    @property
+    def run_cache(self) -> Path:
+        """Where this run's trained models live: `cache/<dataset>`, or `cache/<dataset>/<run>` for a named run."""
+        return self.dataset_cache / self.run
 
     @property
     def annotations_path(self) -> Path:
@@ -46,8 +56,8 @@ class BaseConfig:
 
     @property
     def dataset_metrics(self) -> Path:
-        """`metrics/<dataset>`: DVC metrics and plots of every model."""
-        return Path(self.metrics_dir) / self.dataset
+        """`metrics/<dataset>`: DVC metrics and plots of every model (`metrics/<dataset>/<run>` for a named run)."""
+        return Path(self.metrics_dir) / self.dataset / self.run
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:

@@ -5,10 +5,13 @@ Protocol (docs/baselines_official_code.md §2.4; ProPy Table 11, Prototypes Tabl
 - storage per video: cached vectors x dim x bytes per element, exact from the embedding shape and dtype;
 - matching: the time to score a batch of precomputed query embeddings against a corpus of precomputed video
   embeddings and take each query's top `top_k` videos, divided by the batch size;
-- end to end: encoding the batch of queries plus matching, divided by the batch size.
-Times are medians over `repeats` runs after one warm-up run, with CUDA synchronised around each run, at each stated
-corpus size; the corpora are random tensors of the real per-video shape and dtype, so any size can be probed.
-Video encoding is offline and excluded.
+- end to end: encoding the batch of queries from its raw input (text) plus matching, divided by the batch size.
+Each of `repeats` runs (after one warm-up run) times the encoding and then the matching of the freshly encoded
+queries, with CUDA synchronised around each part, at each stated corpus size; the corpora are random tensors of the
+real per-video shape and dtype, so any size can be probed. Reported per size: the median of each part over the runs
+and its interquartile range (`*_iqr`); the total is the sum of the two medians, so the parts add up (its IQR is that
+of the runs' sums). Video encoding
+is offline and excluded.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from stages.evaluate.retrieval import ScoreFn, ScoringConfig, resolve_device, top_videos
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,17 +68,21 @@ def synthetic_corpus(
     return corpus
 
 
-def median_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn()` in milliseconds, after one warm-up call, synchronising CUDA around each call."""
-    fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        _synchronize(device)
-        began = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append((time.perf_counter() - began) * 1000.0)
-    return statistics.median(times)
+def timed_ms(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """`fn()` and its wall time in milliseconds, synchronising CUDA before and after."""
+    _synchronize(device)
+    began = time.perf_counter()
+    result = fn()
+    _synchronize(device)
+    return result, (time.perf_counter() - began) * 1000.0
+
+
+def median_and_iqr(values: Sequence[float]) -> tuple[float, float]:
+    """The median of `values` and their interquartile range (0 for a single value)."""
+    if len(values) < 2:
+        return float(values[0]), 0.0
+    quartiles = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), quartiles[2] - quartiles[0]
 
 
 def probe_latency(
@@ -85,47 +94,63 @@ def probe_latency(
     score_fn: ScoreFn | None = None,
     encode_queries: Callable[[], Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Per-query matching (and end-to-end, given `encode_queries`) latency at every corpus size.
+    """Per-query matching (and, given `encode_queries`, encoding and total) latency at every corpus size.
 
     Args:
-        query_embeddings: [q, E] precomputed embeddings of one query batch (the batch size of the timing).
+        query_embeddings: [q, E] precomputed embeddings of one query batch (the batch size of the timing); matched
+            when there is no `encode_queries`.
         video_shape: per-video embedding shape, e.g. [K, E].
         video_dtype: dtype of the cached video embeddings.
         config: corpus sizes, repeats, top-k.
         scoring: device and memory budget of the matching.
         score_fn: the model's own similarity, if not the max-over-units cosine.
-        encode_queries: encodes the same query batch from its raw input (text), for the end-to-end time.
+        encode_queries: encodes the same query batch from its raw input (text); each run times it, then the matching
+            of what it returned.
 
     Returns:
-        {"query_batch", "device", "matching_ms_per_query": {size: ms}, "total_ms_per_query": {size: ms}
-        (with `encode_queries`), "peak_gpu_mb": {size: MiB} (on CUDA)}, sizes as strings.
+        {"query_batch", "device", "repeats", "matching_ms_per_query": {size: median}, "matching_ms_per_query_iqr":
+        {size: IQR}, with `encode_queries` also "encoding_ms_per_query", "encoding_ms_per_query_iqr" and
+        "total_ms_per_query" (encoding + matching medians) with "total_ms_per_query_iqr" (of the runs' sums), and
+        "peak_gpu_mb": {size: MiB} on CUDA}, sizes as strings.
     """
     device = resolve_device(scoring.device)
     batch = query_embeddings.shape[0]
     queries = query_embeddings.to(device)
-    result: dict[str, Any] = {"query_batch": batch, "device": str(device), "matching_ms_per_query": {}}
+    parts = ("encoding", "matching") if encode_queries is not None else ("matching",)
+    result: dict[str, Any] = {"query_batch": batch, "device": str(device), "repeats": max(1, config.repeats)}
+    for part in parts:
+        result[f"{part}_ms_per_query"], result[f"{part}_ms_per_query_iqr"] = {}, {}
     if encode_queries is not None:
-        result["total_ms_per_query"] = {}
+        result["total_ms_per_query"], result["total_ms_per_query_iqr"] = {}, {}
     if device.type == "cuda":
         result["peak_gpu_mb"] = {}
     for size in config.corpus_sizes:
         corpus = synthetic_corpus(size, video_shape, video_dtype, device, config.seed)
 
-        def match(queries: Tensor = queries, corpus: Tensor = corpus) -> Tensor:
-            return top_videos(queries, corpus, config.top_k, scoring, score_fn, progress=False)[1]
+        def run(corpus: Tensor = corpus) -> dict[str, float]:
+            times = {}
+            encoded = queries
+            if encode_queries is not None:
+                encoded, times["encoding"] = timed_ms(lambda: encode_queries().to(device), device)
+            _, times["matching"] = timed_ms(
+                lambda: top_videos(encoded, corpus, config.top_k, scoring, score_fn, progress=False), device
+            )
+            return times
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with torch.inference_mode():
-            result["matching_ms_per_query"][str(size)] = median_ms(match, config.repeats, device) / batch
-            if encode_queries is not None:
-
-                def end_to_end(corpus: Tensor = corpus) -> Tensor:
-                    return match(encode_queries().to(device), corpus)
-
-                result["total_ms_per_query"][str(size)] = median_ms(end_to_end, config.repeats, device) / batch
+            run()  # warm-up
+            runs = [run() for _ in range(result["repeats"])]
+        key = str(size)
+        for part in parts:
+            median, iqr = median_and_iqr([times[part] / batch for times in runs])
+            result[f"{part}_ms_per_query"][key], result[f"{part}_ms_per_query_iqr"][key] = median, iqr
+        if encode_queries is not None:
+            result["total_ms_per_query"][key] = sum(result[f"{part}_ms_per_query"][key] for part in parts)
+            result["total_ms_per_query_iqr"][key] = median_and_iqr([sum(times.values()) / batch for times in runs])[1]
         if device.type == "cuda":
-            result["peak_gpu_mb"][str(size)] = torch.cuda.max_memory_allocated(device) / 2**20
+            result["peak_gpu_mb"][key] = torch.cuda.max_memory_allocated(device) / 2**20
         del corpus
     return result
 

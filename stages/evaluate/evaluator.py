@@ -8,8 +8,10 @@ a model. The stage code builds the batches, the ground truth and the encoder, th
                                durations=durations, gt_windows=gt_windows, module=model)
     write_metrics(base.dataset_metrics / f"{model_name}.json", metrics)
 
-The metrics file holds R1, R5, R10, R100, SumR, MedR, MeanR at its top level, `moments` ("0.5-r10", ...) when the
-encoder localises, `efficiency` when asked, and the split, query and video counts the numbers come from.
+The metrics file holds R1, R5, R10, R100, SumR, MedR, MeanR at its top level, their bootstrap intervals under `ci`,
+every query's rank under `ranks` (in query order, with `ground_truth_sha256` naming the queries, so that two models
+can be compared query by query), `moments` ("0.5-r10", ...) when the encoder localises, `efficiency` when asked, and
+the split, query and video counts the numbers come from.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from stages.data.errors import PipelineError
 from stages.data.files import atomic_write_text
 from stages.data.schema import Query
 from stages.evaluate.efficiency import EfficiencyConfig, bytes_per_video, parameter_counts, probe_latency
-from stages.evaluate.metrics import prvr_metrics_from_ranks
+from stages.evaluate.metrics import BootstrapConfig, ground_truth_digest, prvr_metrics_from_ranks
 from stages.evaluate.moments import MomentConfig, moment_recalls, predict_moments
 from stages.evaluate.retrieval import ScoreFn, ScoringConfig, rank_ground_truth, resolve_device
 
@@ -62,6 +64,7 @@ class EvalConfig:
 
     split: str = "test"  # the annotation split the numbers come from (written into the metrics)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)  # intervals over queries
     moment_retrieval: bool = True  # score weakly supervised moments when the encoder has unit windows
     moments: MomentConfig = field(default_factory=MomentConfig)
     measure_efficiency: bool = True  # parameters, storage per video and per-query latency
@@ -123,8 +126,10 @@ def evaluate_encoder(
     device = resolve_device(config.scoring.device)
     score_fn: ScoreFn | None = getattr(encoder, "score_fn", None)
     with _eval_mode(encoder), torch.inference_mode():
-        videos, _, _ = _encode(encoder.encode_videos, video_batches, device, "videos", ndim=3)
-        queries, first_batch, first_batch_size = _encode(encoder.encode_queries, query_batches, device, "queries")
+        videos, _, _ = encode_batches(encoder.encode_videos, video_batches, device, "videos", ndim=3)
+        queries, first_batch, first_batch_size = encode_batches(
+            encoder.encode_queries, query_batches, device, "queries"
+        )
         gt_video = torch.as_tensor(gt_video, dtype=torch.long).reshape(-1)
         if gt_video.shape[0] != queries.shape[0]:
             raise PipelineError(f"{gt_video.shape[0]} ground-truth videos given for {queries.shape[0]} encoded queries")
@@ -133,7 +138,9 @@ def evaluate_encoder(
             "split": config.split,
             "num_queries": queries.shape[0],
             "num_videos": videos.shape[0],
-            **prvr_metrics_from_ranks(ranks),
+            **prvr_metrics_from_ranks(ranks, config.bootstrap),
+            "ranks": ranks.tolist(),
+            "ground_truth_sha256": ground_truth_digest(gt_video, videos.shape[0]),
         }
         windows = getattr(encoder, "unit_windows", None)
         if config.moment_retrieval and windows is not None and durations is not None and gt_windows is not None:
@@ -147,12 +154,25 @@ def evaluate_encoder(
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """Write a metrics dict as JSON atomically: sorted keys, floats rounded to 6 significant digits."""
+    """Write a metrics dict as JSON atomically: sorted keys, floats rounded to 6 significant digits, and lists of
+    numbers (intervals, per-query ranks) on one line."""
     try:
-        text = json.dumps(_rounded(metrics), indent=2, sort_keys=True, allow_nan=False)
+        text = _json(_rounded(metrics))
     except ValueError as exc:
         raise PipelineError(f"metrics for {path} hold a NaN or infinite value: {exc}") from exc
     atomic_write_text(path, text + "\n")
+
+
+def _json(value: Any, indent: str = "") -> str:
+    """Indented JSON with sorted keys in which a list of scalars stays on one line."""
+    if isinstance(value, dict) and value:
+        inner = indent + "  "
+        items = (f"{inner}{json.dumps(str(k))}: {_json(v, inner)}" for k, v in sorted(value.items()))
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        inner = indent + "  "
+        return "[\n" + ",\n".join(inner + _json(v, inner) for v in value) + "\n" + indent + "]"
+    return json.dumps(value, allow_nan=False)
 
 
 def _moment_metrics(
@@ -200,7 +220,7 @@ def _efficiency(
     return efficiency
 
 
-def _encode(
+def encode_batches(
     encode: Callable[[Any], Tensor], batches: Iterable[Any], device: torch.device, what: str, ndim: int = 2
 ) -> tuple[Tensor, Any, int]:
     """The encoder's outputs over all batches concatenated on `device`, the first batch and its size.

@@ -7,6 +7,12 @@ The rank of the ground-truth video of query i among the scores S[i] (higher is b
 which equals the 1-based position of gt_i in a *stable* descending sort of S[i]. The official codes use unstable
 sorts, so they agree with this rule exactly when a row has no ties (docs/baselines_official_code.md §2.2-2.3).
 
+Every metric comes with a 95 % percentile-bootstrap interval over queries (`ci`: 1000 resamples of the queries with
+replacement, fixed seed, vectorised). Two models evaluated on the same queries are compared by a *paired* bootstrap
+(`paired_bootstrap`): both are scored on the same resampled queries, so what they share cancels out. The per-query
+ranks that pairing needs are kept in every metrics file. From those ranks alone, `recall_at_corpus_sizes` gives the
+exact expected recall on a random sub-corpus of any smaller size (a hypergeometric count of the videos ahead).
+
 Score a saved similarity matrix from the command line:
 
     python pipeline.py score-matrix --sims SIMS.npy --gt GT.npy
@@ -14,7 +20,11 @@ Score a saved similarity matrix from the command line:
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +33,21 @@ from torch import Tensor
 from stages.data.errors import PipelineError
 
 RECALL_KS = (1, 5, 10, 100)
+PRVR_KEYS = ("R1", "R5", "R10", "R100", "SumR", "MedR", "MeanR")
+_RESAMPLE_ELEMENTS = 1 << 24  # resampled query indices held at once (128 MiB of int64)
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """The percentile bootstrap over queries behind every interval."""
+
+    resamples: int = 1000  # resamples of the queries (with replacement); 0 = no intervals
+    level: float = 0.95  # coverage of the two-sided interval
+    seed: int = 0  # fixed: the same queries give the same interval, and two models the same resamples
+
+    def __post_init__(self) -> None:
+        if self.resamples < 0 or not 0 < self.level < 1:
+            raise PipelineError(f"bootstrap: resamples must be >= 0 and level in (0, 1), got {self}")
 
 
 def count_ranked_ahead(scores: Tensor, gt_scores: Tensor, gt: Tensor, column_offset: int = 0) -> Tensor:
@@ -58,25 +83,125 @@ def gt_ranks(sims: Tensor, gt: Tensor) -> Tensor:
     return count_ranked_ahead(sims, gt_scores, gt) + 1
 
 
-def prvr_metrics_from_ranks(ranks: Tensor | np.ndarray) -> dict[str, float]:
-    """R1, R5, R10, R100 (percent of queries), SumR (sum of the unrounded recalls), MedR and MeanR.
+def prvr_metrics_from_ranks(
+    ranks: Tensor | np.ndarray, bootstrap: BootstrapConfig | None = BootstrapConfig()
+) -> dict[str, Any]:
+    """R1, R5, R10, R100 (percent of queries), SumR (sum of the unrounded recalls), MedR and MeanR, and under `ci`
+    each one's bootstrap interval [low, high] (none when `bootstrap` is None or has no resamples).
 
     MedR is the usual median (the mean of the two middle ranks for an even number of queries).
     """
-    ranks = torch.as_tensor(ranks).reshape(-1).to(device="cpu", dtype=torch.float64)
-    if ranks.numel() == 0:
-        raise PipelineError("cannot compute PRVR metrics of zero queries")
-    if bool((ranks < 1).any()):
-        raise PipelineError(f"ranks must be >= 1 (1-based); got a minimum of {ranks.min().item():g}")
-    count = ranks.numel()
-    metrics = {f"R{k}": 100.0 * int((ranks <= k).sum()) / count for k in RECALL_KS}
-    metrics["SumR"] = sum(metrics[f"R{k}"] for k in RECALL_KS)
-    metrics["MedR"] = float(ranks.quantile(0.5))
-    metrics["MeanR"] = float(ranks.sum()) / count
+    ranks = _checked_ranks(ranks)
+    metrics: dict[str, Any] = dict(zip(PRVR_KEYS, (float(v) for v in _statistics(ranks[None])[:, 0]), strict=True))
+    if bootstrap is not None and bootstrap.resamples:
+        metrics["ci"] = bootstrap_intervals(ranks, bootstrap)
     return metrics
 
 
-def prvr_metrics(sims: Tensor, gt: Tensor) -> dict[str, float]:
+def bootstrap_intervals(ranks: np.ndarray, config: BootstrapConfig) -> dict[str, list[float]]:
+    """Percentile-bootstrap interval [low, high] of every PRVR metric over the queries of `ranks`."""
+    stats = np.concatenate([_statistics(ranks[block]) for block in _resampled_indices(ranks.size, config)], axis=1)
+    tail = 50.0 * (1.0 - config.level)
+    low, high = np.percentile(stats, [tail, 100.0 - tail], axis=1)
+    return {key: [float(lo), float(hi)] for key, lo, hi in zip(PRVR_KEYS, low, high, strict=True)}
+
+
+def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, config: BootstrapConfig) -> dict[str, Any]:
+    """SumR of model A minus SumR of model B on the same queries, with its paired bootstrap interval.
+
+    Both models are scored on the same resampled queries, so the interval reflects only how they differ.
+
+    Returns:
+        {"delta_SumR", "ci": [low, high], "excludes_zero": whether the interval lies strictly on one side of 0}.
+    """
+    ranks_a, ranks_b = _checked_ranks(ranks_a), _checked_ranks(ranks_b)
+    if ranks_a.shape != ranks_b.shape:
+        raise PipelineError(f"paired comparison needs the same queries: {ranks_a.size} ranks against {ranks_b.size}")
+    if not config.resamples:
+        raise PipelineError("paired comparison needs bootstrap resamples > 0")
+    difference = _sum_recall_per_query(ranks_a) - _sum_recall_per_query(ranks_b)
+    means = np.concatenate([difference[block].mean(axis=1) for block in _resampled_indices(difference.size, config)])
+    tail = 50.0 * (1.0 - config.level)
+    low, high = (float(v) for v in np.percentile(means, [tail, 100.0 - tail]))
+    return {"delta_SumR": float(difference.mean()), "ci": [low, high], "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def recall_at_corpus_sizes(
+    ranks: np.ndarray, num_videos: int, sizes: list[int] | tuple[int, ...], ks: tuple[int, ...] = RECALL_KS
+) -> dict[str, list[float]]:
+    """Expected R@k (percent) on a random sub-corpus of each size that keeps every query's ground-truth video.
+
+    A query with rank r has r - 1 of the other `num_videos` - 1 videos ahead of it; in a sub-corpus of n videos the
+    number of those kept is hypergeometric, so P(rank <= k) is exact, with no sampling. At n = `num_videos` this is
+    the ordinary R@k.
+
+    Returns:
+        {"size": sizes, "R<k>": expected recall at each size, ...}.
+    """
+    ranks = _checked_ranks(ranks).astype(np.int64)
+    if int(ranks.max()) > num_videos or any(not 1 <= n <= num_videos for n in sizes):
+        raise PipelineError(f"corpus sizes must lie in 1..{num_videos} and ranks must not exceed it")
+    others = num_videos - 1
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, others + 1)))])
+
+    def log_choose(n: np.ndarray, k: np.ndarray) -> np.ndarray:
+        inside = np.clip(k, 0, n)
+        value = log_factorial[n] - log_factorial[inside] - log_factorial[n - inside]
+        return np.where((k >= 0) & (k <= n), value, -np.inf)
+
+    ahead = (ranks - 1)[:, None]
+    curves: dict[str, list[float]] = {"size": [int(n) for n in sizes]}
+    for k in ks:
+        kept = np.arange(k)[None, :]  # a hit keeps at most k - 1 of the videos ahead
+        values = []
+        for n in sizes:
+            draws = n - 1
+            log_p = (
+                log_choose(ahead, kept)
+                + log_choose(others - ahead, draws - kept)
+                - log_choose(np.array(others), np.array(draws))
+            )
+            values.append(100.0 * float(np.exp(log_p).sum(axis=1).clip(0.0, 1.0).mean()))
+        curves[f"R{k}"] = values
+    return curves
+
+
+def ground_truth_digest(gt: Tensor | np.ndarray, num_videos: int) -> str:
+    """sha256 of the ground-truth columns and the corpus size: equal digests mean the same queries, so the
+    per-query ranks of two evaluations can be paired."""
+    columns = np.ascontiguousarray(np.asarray(gt, dtype=np.int64).reshape(-1))
+    return hashlib.sha256(columns.tobytes() + str(num_videos).encode()).hexdigest()
+
+
+def _checked_ranks(ranks: Tensor | np.ndarray) -> np.ndarray:
+    ranks = torch.as_tensor(ranks).reshape(-1).to(device="cpu", dtype=torch.float64).numpy()
+    if ranks.size == 0:
+        raise PipelineError("cannot compute PRVR metrics of zero queries")
+    if bool((ranks < 1).any()):
+        raise PipelineError(f"ranks must be >= 1 (1-based); got a minimum of {ranks.min():g}")
+    return ranks
+
+
+def _sum_recall_per_query(ranks: np.ndarray) -> np.ndarray:
+    """Each query's share of SumR: 100 x the number of k in RECALL_KS with rank <= k (SumR is its mean)."""
+    return 100.0 * sum((ranks <= k).astype(np.float64) for k in RECALL_KS)
+
+
+def _statistics(ranks: np.ndarray) -> np.ndarray:
+    """[7, b] PRVR_KEYS of each row of [b, n] ranks."""
+    recalls = [100.0 * (ranks <= k).mean(axis=1) for k in RECALL_KS]
+    return np.stack([*recalls, sum(recalls), np.median(ranks, axis=1), ranks.mean(axis=1)])
+
+
+def _resampled_indices(num_queries: int, config: BootstrapConfig) -> Iterator[np.ndarray]:
+    """The bootstrap's resampled query indices, streamed in [b, n] blocks (the same for any two calls with equal n)."""
+    generator = np.random.default_rng(config.seed)
+    per_block = max(1, _RESAMPLE_ELEMENTS // num_queries)
+    for start in range(0, config.resamples, per_block):
+        yield generator.integers(0, num_queries, size=(min(per_block, config.resamples - start), num_queries))
+
+
+def prvr_metrics(sims: Tensor, gt: Tensor) -> dict[str, Any]:
     """PRVR metrics of a full [Nq, Nv] score matrix with one ground-truth column per query."""
     return prvr_metrics_from_ranks(gt_ranks(sims, gt))
 
@@ -110,8 +235,8 @@ def load_score_matrix(sims_path: str | Path, gt_path: str | Path) -> tuple[Tenso
     return torch.from_numpy(sims), torch.from_numpy(gt.astype(np.int64))
 
 
-def score_matrix_files(sims_path: str | Path, gt_path: str | Path) -> dict[str, float]:
-    """PRVR metrics of a saved score matrix (the `score-matrix` command)."""
+def score_matrix_files(sims_path: str | Path, gt_path: str | Path) -> dict[str, Any]:
+    """PRVR metrics of a saved score matrix with their bootstrap intervals (the `score-matrix` command)."""
     return prvr_metrics(*load_score_matrix(sims_path, gt_path))
 
 

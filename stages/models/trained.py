@@ -2,6 +2,7 @@
 
 propy_dir(base)          cache/<dataset>/propy: last.pt (resume) and best.pt (the selected model)
 baseline_dir(base, name) cache/<dataset>/baselines/<name>: model.safetensors and training.json
+(under cache/<dataset>/<run>/ for a named run such as `seeds/seed43`)
 
 A model can also be loaded from any path in these layouts (`load_trained_propy(..., checkpoint=PATH)`,
 `load_baseline(DIR)`), e.g. an official checkpoint converted by `import-checkpoint` (`propy_import` for ProPy's
@@ -37,12 +38,12 @@ from stages.models.registry import build_model, model_spec
 
 def propy_dir(base: BaseConfig) -> Path:
     """`cache/<dataset>/propy`: ProPy's training checkpoints (a DVC output)."""
-    return base.dataset_cache / "propy"
+    return base.run_cache / "propy"
 
 
 def baseline_dir(base: BaseConfig, name: str) -> Path:
     """`cache/<dataset>/baselines/<name>`: weights, resolved configs, history."""
-    return base.dataset_cache / "baselines" / name
+    return base.run_cache / "baselines" / name
 
 
 def baseline_config(name: str, keys: Mapping[str, Any], feature_dim: int) -> BaselineConfig:
