@@ -24,6 +24,7 @@ from stages.models.baselines.reference import fixture_model_config
 from stages.models.reference import TOLERANCE, run_reference_check
 from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
 from stages.train.bert_adam import BertAdam, bert_param_groups
+from tests import baseline_features
 
 TINY = AMDNetConfig(
     visual_input_size=12, query_input_size=10, hidden_size=16, n_heads=4, map_size=8, max_ctx_l=16, drop=0.0
@@ -44,19 +45,7 @@ def official(prefix: str) -> tuple[AMDNetConfig, dict[str, torch.Tensor]]:
 def tiny_features(
     num_videos: int, seed: int, split: str = "train"
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[Query]]:
-    """Videos of 3..30 raw frames with 1..3 queries each; a query's tokens end with a noisy copy of a frame."""
-    rng = np.random.default_rng(seed)
-    videos, texts, queries = {}, {}, []
-    for v in range(num_videos):
-        frames = rng.normal(size=(int(rng.integers(3, 31)), TINY.visual_input_size)).astype(np.float32)
-        videos[f"{split}{v}"] = frames * 5
-        for k in range(int(rng.integers(1, 4))):
-            qid = f"{split}{v}#{k}"
-            tokens = rng.normal(size=(int(rng.integers(2, 8)), TINY.query_input_size)).astype(np.float32)
-            tokens[-1] = frames[rng.integers(len(frames)), : TINY.query_input_size] + 0.3 * tokens[-1]
-            texts[qid] = tokens
-            queries.append(Query(qid, "text", f"{split}{v}", 10.0, ((0.0, 1.0),), split))
-    return videos, texts, queries
+    return baseline_features.tiny_features(num_videos, seed, TINY.visual_input_size, TINY.query_input_size, split)
 
 
 def tiny_batch(num_videos: int = 6, seed: int = 0, cfg: AMDNetConfig = TINY):
@@ -188,7 +177,7 @@ def test_training_step_runs_and_the_loss_falls() -> None:
         optimizer.zero_grad()
         model(batch, NegativeSampling())[0]["total"].backward()
         optimizer.step()
-    assert float(model(batch, NegativeSampling())[0]["total"]) < 0.7 * start
+    assert model(batch, NegativeSampling())[0]["total"].item() < 0.7 * start
 
 
 def test_the_shared_baseline_trainer_trains_it() -> None:

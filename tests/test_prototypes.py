@@ -31,6 +31,7 @@ from stages.models.baselines.prototypes_losses import (
     word_positions,
 )
 from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
+from tests import baseline_features
 
 TINY = PrototypesConfig(
     visual_input_size=16,
@@ -51,18 +52,7 @@ RETRIEVAL_TERMS = {"clip_nce", "clip_trip", "frame_nce", "frame_trip"}
 def tiny_features(
     num_videos: int, seed: int, split: str = "train"
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[Query]]:
-    """Videos of 5..40 raw frames with 1..3 queries each (video and text features, annotations)."""
-    rng = np.random.default_rng(seed)
-    videos, texts, queries = {}, {}, []
-    for v in range(num_videos):
-        frames = rng.normal(size=(int(rng.integers(5, 41)), TINY.visual_input_size)).astype(np.float32)
-        videos[f"{split}{v}"] = frames
-        for k in range(int(rng.integers(1, 4))):
-            qid = f"{split}{v}#{k}"
-            texts[qid] = rng.normal(size=(int(rng.integers(3, 13)), TINY.query_input_size)).astype(np.float32)
-            texts[qid][1:3] += frames[:2, : TINY.query_input_size]  # a little shared content
-            queries.append(Query(qid, "text", f"{split}{v}", 10.0, ((0.0, 1.0),), split))
-    return videos, texts, queries
+    return baseline_features.tiny_features(num_videos, seed, TINY.visual_input_size, TINY.query_input_size, split)
 
 
 def tiny_batch(num_videos: int = 6, seed: int = 0) -> TrainBatch:
