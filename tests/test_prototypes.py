@@ -31,6 +31,7 @@ from stages.models.baselines.prototypes_losses import (
     word_positions,
 )
 from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
+from tests import baseline_features
 
 TINY = PrototypesConfig(
     visual_input_size=16,
@@ -51,18 +52,7 @@ RETRIEVAL_TERMS = {"clip_nce", "clip_trip", "frame_nce", "frame_trip"}
 def tiny_features(
     num_videos: int, seed: int, split: str = "train"
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[Query]]:
-    """Videos of 5..40 raw frames with 1..3 queries each (video and text features, annotations)."""
-    rng = np.random.default_rng(seed)
-    videos, texts, queries = {}, {}, []
-    for v in range(num_videos):
-        frames = rng.normal(size=(int(rng.integers(5, 41)), TINY.visual_input_size)).astype(np.float32)
-        videos[f"{split}{v}"] = frames
-        for k in range(int(rng.integers(1, 4))):
-            qid = f"{split}{v}#{k}"
-            texts[qid] = rng.normal(size=(int(rng.integers(3, 13)), TINY.query_input_size)).astype(np.float32)
-            texts[qid][1:3] += frames[:2, : TINY.query_input_size]  # a little shared content
-            queries.append(Query(qid, "text", f"{split}{v}", 10.0, ((0.0, 1.0),), split))
-    return videos, texts, queries
+    return baseline_features.tiny_features(num_videos, seed, TINY.visual_input_size, TINY.query_input_size, split)
 
 
 def tiny_batch(num_videos: int = 6, seed: int = 0) -> TrainBatch:
@@ -315,3 +305,89 @@ def test_the_shared_baseline_trainer_trains_it() -> None:
     assert len(result.history) == 2 and 0 <= result.best_epoch <= 1
     assert {"total", "clip_crecon", "frame_urecon", "clip_attn", "frame_ortho", "SumR"} <= set(result.history[-1])
     model.load_state_dict(result.state_dict)
+
+
+# ---- Table 6: prototype construction --------------------------------------------------------------------------
+GENERATORS = ("cross_attention", "perceiver", "slot_attention")
+
+
+def generator_of(design: str, iterations: int = 1, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(TINY, prototype_generator=design, prototype_iterations=iterations)
+    return Prototypes(cfg).branches["frame"].generator.eval()
+
+
+@pytest.mark.parametrize("design", GENERATORS)
+def test_each_generator_gives_prototypes_and_row_attention(batch: TrainBatch, design: str) -> None:
+    generator = generator_of(design, iterations=2)
+    rows = torch.randn(*batch.videos.frame_feats.shape[:2], TINY.hidden_size)
+    mask = batch.videos.frame_mask
+    with torch.no_grad():
+        prototypes, attention = generator(rows, mask)
+    assert prototypes.shape == (len(rows), TINY.num_prototypes, TINY.hidden_size)
+    assert attention.shape == (len(rows), TINY.num_prototypes, rows.shape[1])
+    torch.testing.assert_close(attention.sum(dim=-1), torch.ones(attention.shape[:2]))  # over the valid rows
+    assert (attention * (1 - mask[:, None])).abs().max() < 1e-6  # nothing on padded rows
+
+
+@pytest.mark.parametrize("design", GENERATORS)
+def test_each_generator_trains(batch: TrainBatch, design: str) -> None:
+    torch.manual_seed(0)
+    model = Prototypes(dataclasses.replace(TINY, prototype_generator=design))
+    with torch.no_grad():
+        assert model.eval().encode_videos(batch.videos).shape == (6, 2 * TINY.num_prototypes, TINY.hidden_size)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    start = losses_of(model, batch)["total"]
+    start.backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent
+    for step in range(10):
+        optimizer.step()
+        optimizer.zero_grad()
+        losses_of(model, batch, seed=step + 1)["total"].backward()
+    assert losses_of(model, batch)["total"] < start
+
+
+def test_only_slot_attention_makes_prototypes_compete_for_rows() -> None:
+    rows = torch.randn(3, 7, TINY.hidden_size)
+    for design in GENERATORS:
+        generator = generator_of(design)
+        changed = generator_of(design)
+        with torch.no_grad():
+            changed.prototypes[1] = torch.randn(TINY.hidden_size)  # another initial prototype
+            (first, attention), (first_changed, attention_changed) = generator(rows, None), changed(rows, None)
+        own_attention_moved = not torch.allclose(attention[:, 0], attention_changed[:, 0], atol=1e-6)
+        assert own_attention_moved == (design == "slot_attention"), design  # softmax over slots vs over rows
+        own_prototype_moved = not torch.allclose(first[:, 0], first_changed[:, 0], atol=1e-6)
+        assert own_prototype_moved == (design != "cross_attention"), design  # (a) latent self-attention, (b) shares
+    slots = generator_of("slot_attention")
+    with torch.no_grad():
+        share = slots.competition(slots.prototypes.expand(3, -1, -1), slots.key(slots.row_norm(rows)))
+    torch.testing.assert_close(share.sum(dim=-1), torch.ones(3, 7))  # every row is split among the slots
+
+
+def test_slot_attention_updates_slots_with_a_gru_each_round() -> None:
+    rows = torch.randn(2, 6, TINY.hidden_size)
+    once, twice = generator_of("slot_attention", 1), generator_of("slot_attention", 2)
+    twice.load_state_dict(once.state_dict())  # rounds share every weight
+    with torch.no_grad():
+        expected = once.prototypes.expand(2, -1, -1)
+        values = once.value(once.row_norm(rows))
+        for round_index in range(2):  # weighted mean of the values -> GRU(update, previous slot) -> residual MLP
+            share = once.competition(expected, once.key(once.row_norm(rows))) + 1e-8
+            weights = (share / share.sum(dim=1, keepdim=True)).transpose(1, 2)
+            state = once.gru((weights @ values).flatten(0, 1), expected.flatten(0, 1)).view(2, -1, TINY.hidden_size)
+            expected = state + once.mlp(state)
+            if round_index == 0:
+                torch.testing.assert_close(once(rows, None)[0], expected)
+        torch.testing.assert_close(twice(rows, None)[0], expected)
+
+
+def test_prototype_generator_is_a_params_switch() -> None:
+    cfg = config_from_dict(PrototypesConfig, {"prototype_generator": "slot_attention"}, "params")
+    assert cfg.prototype_generator == "slot_attention" and PrototypesConfig().prototype_generator == "cross_attention"
+    with pytest.raises(PipelineError):
+        config_from_dict(PrototypesConfig, {"prototype_generator": "gru"}, "params")
+    keys = [k for k in Prototypes(TINY).state_dict() if k.startswith("branches.clip.generator.")]
+    assert keys[:2] == ["branches.clip.generator.prototypes", "branches.clip.generator.attention.query.weight"]

@@ -33,8 +33,7 @@ class FrozenClipMIL(nn.Module):
 
     def encode_queries(self, batch: QueryBatch) -> torch.Tensor:
         """[N, D] the feature of each query's last real token (EOT: CLIP's sentence embedding)."""
-        last = batch.query_mask.sum(dim=1).long() - 1
-        return batch.query_feats[torch.arange(len(last)), last]
+        return batch.last_tokens()
 
 
 @register_model("clip_mil", trainable=False)

@@ -57,6 +57,11 @@ class QueryBatch(Movable):
     query_mask: torch.Tensor  # [N, L_q] float, 1 = real token
     labels: torch.Tensor | None = None  # [N] batch index of each query's video (training batches only)
 
+    def last_tokens(self) -> torch.Tensor:
+        """[N, d_t] the feature of each query's last real token (CLIP's EOT: the sentence embedding)."""
+        last = self.query_mask.sum(dim=1).long() - 1
+        return self.query_feats[torch.arange(len(last), device=last.device), last]
+
 
 @dataclass
 class TrainBatch(Movable):

@@ -4,7 +4,8 @@
 - `PositionalEncoding`: `LN(x + E[0:L])` -> Dropout (`position_embeddings.weight`, `LayerNorm.*`).
 - `AttentionBlock`: one multi-head self-attention sub-layer with residual and post-LN and no feed-forward
   (`self.{query,key,value}.*`, `output.dense.*`, `output.LayerNorm.*`); optionally with GMMFormer's Gaussian mask
-  that multiplies the scaled logits.
+  (or any given weights, e.g. AMDNet's span masks) multiplying the scaled logits.
+- `gaussian_window`: the family's max-normalised Gaussian weights (GMMFormer's fixed masks, AMDNet's learned spans).
 - `GMMBlock`: the mean of four attention blocks `attn0..attn3` (plain and Gaussian widths 0.5, 1, 5).
 - `attention_pool`: the "modular vector" pooling of a sequence into one vector.
 """
@@ -70,8 +71,25 @@ def gaussian_mask(length: int, width: float, device: torch.device | None = None)
     Cached per (length, width, device); the returned tensor must not be modified in place.
     """
     centres = (torch.arange(length, dtype=torch.float32, device=device) / length)[:, None]
-    grid = torch.linspace(0, 1, length, dtype=torch.float32, device=device)[None, :]
-    sigma = torch.tensor(max(width, GAUSS_MIN_WIDTH), dtype=torch.float32, device=device) / GAUSS_SIGMA_DIVISOR
+    width_tensor = torch.tensor(width, dtype=torch.float32, device=device)
+    return gaussian_window(torch.linspace(0, 1, length, dtype=torch.float32, device=device), centres, width_tensor)
+
+
+def gaussian_window(
+    grid: torch.Tensor, centres: torch.Tensor, widths: torch.Tensor, stable: bool = False
+) -> torch.Tensor:
+    """Gaussian weights over `grid` [L], rescaled to max 1 per row: the official recipe of GMMFormer and AMDNet.
+
+    `sigma = max(width, 0.01) / 9`, `raw = (1 / sqrt(2 pi) / sigma) exp(-(grid - centre)^2 / (2 sigma^2))`, then
+    `raw / max(raw)`. `centres` and `widths` broadcast against each other (e.g. [..., 1]); the result is [..., L].
+    When sigma is so small that every grid point underflows in float32 the official division is 0 / 0 = NaN;
+    `stable` rescales in the log domain instead (`exp(-(d^2 - min d^2) / (2 sigma^2))`, equal wherever the official
+    recipe is finite, and never NaN).
+    """
+    sigma = widths.clamp(min=GAUSS_MIN_WIDTH) / GAUSS_SIGMA_DIVISOR
+    if stable:
+        squared = (grid - centres) ** 2
+        return torch.exp(-(squared - squared.min(dim=-1, keepdim=True).values) / (2 * sigma**2))
     raw = _GAUSS_NORM / sigma * torch.exp(-((grid - centres) ** 2) / (2 * sigma**2))
     return raw / raw.max(dim=-1, keepdim=True).values
 
@@ -137,10 +155,17 @@ class AttentionBlock(nn.Module):
         self.self = _SelfAttention(dim, num_heads, dropout)
         self.output = _SelfOutput(dim, dropout, eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, D], mask [B, L] (1 = real key, None = no padding) -> [B, L, D]."""
-        gauss = None if self.gauss_width is None else gaussian_mask(x.shape[1], self.gauss_width, x.device)
-        return self.output(self.self(x, mask, gauss), x)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, logit_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, L, D], mask [B, L] (1 = real key, None = no padding) -> [B, L, D].
+
+        `logit_weights` (broadcast to [B, H, L, L]) multiply the scaled logits instead of the block's Gaussian mask,
+        e.g. AMDNet's per-video, per-head span masks [B, H, 1, L].
+        """
+        if logit_weights is None and self.gauss_width is not None:
+            logit_weights = gaussian_mask(x.shape[1], self.gauss_width, x.device)
+        return self.output(self.self(x, mask, logit_weights), x)
 
 
 class GMMBlock(nn.Module):

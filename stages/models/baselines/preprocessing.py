@@ -3,8 +3,10 @@
 Videos (raw [T, d_v] frame features) give two inputs:
 - the *clip tensor*: `l2n(resample(X, M bins))`, always M rows, bin edges computed in float32;
 - the *frame sequence*: `l2n(X)` if T <= max_ctx_l, else `l2n(resample(X, max_ctx_l bins))`, edges in float64.
-Both run in float64 (the official frame reader returns Python floats) and are cast to float32 at the end. Queries
-(raw [L, d_t] token features) are l2-normalised in float32 and truncated to `max_desc_l` tokens.
+Both run in float64 (the official frame reader returns Python floats; AMDNet's reader stays in float32:
+`resample_precision`) and are cast to float32 at the end. Queries (raw [L, d_t] token features) are l2-normalised in
+float32 and truncated to `max_desc_l` tokens, or reduced to their last row, CLIP's EOT token (`sentence_query`: the
+sentence vector that AMDNet reads).
 
 Bin edges: `e_k = min(round_half_even(k / n * T), T - 1)`, k = 0..n; output row i is the mean of rows
 `e_i .. e_{i+1} - 1`, or the single row `e_i` when the range is empty. The clamp to T - 1 makes the last frame unused
@@ -14,6 +16,7 @@ unless `e_{n-1} = T - 1` (the official quirk, on by default; `clamp_last_edge=Fa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -28,6 +31,8 @@ class PreprocessConfig:
     l2_eps: float = 1e-5  # added to the row norm (not a clamp)
     normalize: bool = True  # l2-normalise rows (AMDNet-style models turn this off)
     clamp_last_edge: bool = True  # official: clamp bin edges to T - 1, which drops the last frame
+    resample_precision: Literal["float64", "float32"] = "float64"  # arithmetic of the bin means (AMDNet: float32)
+    sentence_query: bool = False  # a query is its last row (CLIP's EOT token, the sentence vector), not its tokens
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -58,33 +63,40 @@ def bin_ranges(edges: np.ndarray) -> np.ndarray:
 
 
 def resample(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Average the rows of `x` into `len(edges) - 1` bins (an empty bin copies its start row)."""
+    """Average the rows of `x` into `len(edges) - 1` bins (an empty bin copies its start row).
+
+    Each bin's rows are added one after the other, as the official means do (in float32 the order shows).
+    """
     ranges = bin_ranges(edges)
-    padded = np.concatenate([x, np.zeros_like(x[:1])])  # every end index is then a valid reduceat index
-    sums = np.add.reduceat(padded, ranges.reshape(-1), axis=0)[::2]
-    return sums / (ranges[:, 1] - ranges[:, 0]).astype(x.dtype)[:, None]
+    starts, counts = ranges[:, 0], ranges[:, 1] - ranges[:, 0]
+    sums = np.zeros((len(ranges), *x.shape[1:]), dtype=x.dtype)
+    for offset in range(int(counts.max())):
+        active = offset < counts
+        sums[active] += x[starts[active] + offset]
+    return sums / counts.astype(x.dtype)[:, None]
 
 
 def clip_tensor(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """The [M, d_v] float32 clip tensor of one video's raw frame features [T, d_v]."""
-    x = np.asarray(frames, dtype=np.float64)
+    x = np.asarray(frames, dtype=cfg.resample_precision)
     out = resample(x, bin_edges(len(x), cfg.map_size, "float32", cfg.clamp_last_edge))
     return (l2_normalize(out, cfg.l2_eps) if cfg.normalize else out).astype(np.float32)
 
 
 def frame_sequence(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """The [min(T, max_ctx_l), d_v] float32 frame sequence of one video's raw frame features [T, d_v]."""
-    x = np.asarray(frames, dtype=np.float64)
+    x = np.asarray(frames, dtype=cfg.resample_precision)
     if len(x) > cfg.max_ctx_l:
         x = resample(x, bin_edges(len(x), cfg.max_ctx_l, "float64", cfg.clamp_last_edge))
     return (l2_normalize(x, cfg.l2_eps) if cfg.normalize else x).astype(np.float32)
 
 
 def query_tokens(tokens: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """The [min(L, max_desc_l), d_t] float32 token features of one query (normalised in float32, then truncated)."""
+    """The [min(L, max_desc_l), d_t] float32 token features of one query (normalised in float32, then truncated), or
+    its [1, d_t] last row with `sentence_query`."""
     x = np.asarray(tokens, dtype=np.float32)
     x = l2_normalize(x, cfg.l2_eps) if cfg.normalize else x
-    return x[: cfg.max_desc_l]
+    return x[-1:] if cfg.sentence_query else x[: cfg.max_desc_l]
 
 
 def frame_ranges(num_rows: int, cfg: PreprocessConfig) -> np.ndarray:

@@ -6,8 +6,8 @@ prototype (§3.1). Four train-only objectives refine the prototypes, each behind
 cross-modal masked text reconstruction from the retrieved prototype (§3.3.1, `cross_recon`), uni-modal
 reconstruction of the input features from all prototypes (§3.3.2, `uni_recon`), weak attention guidance from
 concatenated video pairs (§3.4, `guidance`) and the orthogonal loss between prototypes (§3.5, `ortho`). The paper's
-Table 4 is these four switches, its Table 5 is `num_prototypes`, its Table 8 gives the defaults. A switched-off
-component builds no parameters and adds no loss term.
+Table 4 is these four switches, its Table 5 is `num_prototypes`, its Table 6 is `prototype_generator`, its Table 8
+gives the defaults. A switched-off component builds no parameters and adds no loss term.
 
 Interface (as every baseline of `base.py`): `model(train_batch, sampling) -> (losses with "total", negatives)`;
 `encode_queries(query_batch) -> [N_q, D]`, `encode_videos(video_batch) -> [N_v, 2 L_p, D]` (unit-norm clip-branch
@@ -25,7 +25,9 @@ Where the paper is ambiguous (paper says X; we do Y because Z):
 - Prototype generator (Eq. 1): "only cross-attention". Multi-head attention from the prototypes to the video rows,
   output projection, residual and post-LayerNorm (the encoders' attention block with queries and keys from different
   sequences), no feed-forward; the same weights in all K iterations (slot-attention style). The learnable
-  prototypes start from N(0, 0.02), the initialisation of every weight of the MS-SL family.
+  prototypes start from N(0, 0.02), the initialisation of every weight of the MS-SL family. Table 6's rivals,
+  Perceiver-style latents (a) and slot attention (b), are `prototype_generator` values, built as
+  `prototype_generators` describes.
 - Scores and retrieval loss: `S(q, v) = max_j cos(q, p_j)`. L_ret is GMMFormer's (whose lambda_nce the paper
   follows, App. 8): lambda_nce x multi-positive InfoNCE on raw dot products + clip-style triplet on cosines, in each
   branch. Inference fuses the branches like MS-SL/GMMFormer (0.7 clip + 0.3 frame); the paper does not say.
@@ -55,7 +57,6 @@ Where the paper is ambiguous (paper says X; we do Y because Z):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,13 +67,17 @@ from torch import Tensor, nn
 from stages.models.baselines.base import BaselineConfig, BaselineModel, TrainingStep
 from stages.models.baselines.data import VideoBatch
 from stages.models.baselines.layers import (
-    ATTENTION_MASK_FILL,
     AttentionBlock,
     InputProjection,
     PositionalEncoding,
     init_weights,
 )
 from stages.models.baselines.msl import multi_scale_proposals
+from stages.models.baselines.prototype_generators import (
+    PerceiverGenerator,
+    PrototypeGenerator,
+    SlotAttentionGenerator,
+)
 from stages.models.baselines.prototypes_losses import (
     attention_guidance_loss,
     masked_token_nce,
@@ -96,7 +101,9 @@ class PrototypesConfig(BaselineConfig):
 
     # prototypes (§3.2)
     num_prototypes: int = 30  # L_p per branch (§4.2, Table 5 sweeps 10, 20, 30, 60)
-    prototype_iterations: int = 1  # K of Eq. 1 (Table 8: 1 with CLIP; App. 8: 6 with RoBERTa text)
+    prototype_iterations: int = 1  # K of Eq. 1 (Table 8: 1 with CLIP; App. 8: 6 with RoBERTa text), every generator
+    # Table 6: cross_attention (c, the paper's) | perceiver (a) | slot_attention (b); see `prototype_generators`
+    prototype_generator: Literal["cross_attention", "perceiver", "slot_attention"] = "cross_attention"
     exhaustive_clips: bool = True  # clip-branch prototypes attend to all clip spans (§3.1, [9]); False: the 32 clips
     # retrieval loss L_ret (Eq. 9, App. 8)
     nce_weight: float = 0.03  # lambda_nce on each branch's InfoNCE (Table 8: TVR 0.03, ActivityNet/QVHighlights 0.06)
@@ -126,51 +133,14 @@ class PrototypesConfig(BaselineConfig):
             raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention from `queries` to `keys`, output projection, residual and post-LayerNorm (no FFN)."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim)
-        self.value = nn.Linear(dim, dim)
-        self.dense = nn.Linear(dim, dim)
-        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-    def forward(self, queries: Tensor, keys: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """queries [B, Q, D], keys [B, K, D], mask [B, K] (1 = real key) -> ([B, Q, D], attention [B, Q, K]).
-
-        The attention is the head average of the probabilities, before dropout.
-        """
-        q, k, v = self._heads(self.query(queries)), self._heads(self.key(keys)), self._heads(self.value(keys))
-        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            logits = logits + (1 - mask[:, None, None, :]) * ATTENTION_MASK_FILL
-        probs = logits.softmax(dim=-1)
-        attended = (self.dropout(probs) @ v).transpose(1, 2).flatten(2)
-        return self.LayerNorm(self.dropout(self.dense(attended)) + queries), probs.mean(dim=1)
-
-
-class PrototypeGenerator(nn.Module):
-    """Eq. 1: K rounds of cross-attention from L_p learnable, video-agnostic prototypes to a video's rows."""
-
-    def __init__(self, cfg: PrototypesConfig) -> None:
-        super().__init__()
-        self.iterations = cfg.prototype_iterations
-        self.prototypes = nn.Parameter(torch.empty(cfg.num_prototypes, cfg.hidden_size).normal_(0.0, 0.02))
-        self.attention = CrossAttention(cfg.hidden_size, cfg.n_heads, cfg.drop, cfg.layer_norm_eps)
-
-    def forward(self, rows: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """rows [B, U, D], mask [B, U] or None -> (prototypes [B, L_p, D], last attention [B, L_p, U])."""
-        prototypes = self.prototypes.expand(len(rows), -1, -1)
-        for _ in range(self.iterations):
-            prototypes, attention = self.attention(prototypes, rows, mask)
-        return prototypes, attention
+def build_generator(cfg: PrototypesConfig) -> nn.Module:
+    """The prototype generator of `cfg.prototype_generator` (Table 6; see `prototype_generators`)."""
+    count, dim, iterations, eps = cfg.num_prototypes, cfg.hidden_size, cfg.prototype_iterations, cfg.layer_norm_eps
+    if cfg.prototype_generator == "perceiver":
+        return PerceiverGenerator(count, dim, cfg.n_heads, iterations, eps)
+    if cfg.prototype_generator == "slot_attention":
+        return SlotAttentionGenerator(count, dim, iterations, eps)
+    return PrototypeGenerator(count, dim, cfg.n_heads, iterations, cfg.drop, eps)
 
 
 class BroadcastDecoder(nn.Module):
@@ -233,7 +203,7 @@ class VideoBranch(nn.Module):
         self.input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
         self.pos_embed = PositionalEncoding(max_rows, dim, cfg.drop, eps)
         self.encoder = AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps)
-        self.generator = PrototypeGenerator(cfg)
+        self.generator = build_generator(cfg)
         self.row_decoder = BroadcastDecoder(dim, cfg.visual_input_size, max_rows) if cfg.uni_recon else None
         self.text_decoder = MaskedTextDecoder(cfg) if cfg.cross_recon else None
 

@@ -124,20 +124,39 @@ def _ragged(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(counts)[:-1])
 
 
-def preprocessing_errors(config: dict[str, Any], io: dict[str, np.ndarray]) -> dict[str, float]:
-    """Bins, preprocessed inputs and batch orders from the raw features through our datasets and collates."""
-    cfg = fixture_preprocess_config(config)
+def _raw_features(
+    config: dict[str, Any], io: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The fixture's raw video features and text features by id; a fixture without token counts stores one
+    sentence vector per query, read as a one-row array."""
+    data = config["data"]
+    videos = dict(zip(data["video_ids"], _ragged(io["raw_video_feats"], io["raw_video_num_frames"]), strict=True))
+    counts = io.get("raw_query_num_tokens", np.ones(len(data["query_ids"]), dtype=np.int64))
+    texts = dict(zip(data["query_ids"], _ragged(io["raw_query_feats"], counts), strict=True))
+    return videos, texts
+
+
+def preprocessing_errors(
+    config: dict[str, Any], io: dict[str, np.ndarray], cfg: PreprocessConfig | None = None
+) -> dict[str, float]:
+    """Bins, preprocessed inputs and batch orders from the raw features through our datasets and collates.
+
+    `cfg` defaults to the fixture's `preprocessing` section; arrays the fixture does not have are not compared
+    (a fixture of sentence vectors has `pre_query_feats` [N_q, d_t] and no query mask).
+    """
+    cfg = cfg or fixture_preprocess_config(config)
     data = config["data"]
     video_ids, query_ids = data["video_ids"], data["query_ids"]
-    videos = dict(zip(video_ids, _ragged(io["raw_video_feats"], io["raw_video_num_frames"]), strict=True))
-    texts = dict(zip(query_ids, _ragged(io["raw_query_feats"], io["raw_query_num_tokens"]), strict=True))
+    videos, texts = _raw_features(config, io)
 
     bins = [
         max_abs_diff(
             np.stack([bin_ranges(bin_edges(len(videos[v]), cfg.map_size)) for v in video_ids]), io["pre_clip_bins"]
         )
     ]
-    bins.append(max_abs_diff(np.stack([frame_ranges(len(videos[v]), cfg) for v in video_ids]), io["pre_frame_bins"]))
+    if "pre_frame_bins" in io:
+        frame_bins = np.stack([frame_ranges(len(videos[v]), cfg) for v in video_ids])
+        bins.append(max_abs_diff(frame_bins, io["pre_frame_bins"]))
     for key in (k for k in io if k.startswith("bins_") and not k.endswith("_T")):
         size = int(key.split("_")[-1][1:])
         table = [
@@ -152,13 +171,15 @@ def preprocessing_errors(config: dict[str, Any], io: dict[str, np.ndarray]) -> d
     eval_queries = collate_queries(list(QueryDataset(query_ids, texts, cfg)), sort_by_length=True)
     row_of = [query_ids.index(qid) for qid in eval_queries.query_ids]
     restore = np.argsort(row_of)
-    inputs = [
-        max_abs_diff(eval_videos.clip_feats, io["pre_clip_feats"]),
-        max_abs_diff(eval_videos.frame_feats, io["pre_frame_feats"]),
-        max_abs_diff(eval_videos.frame_mask, io["pre_frame_mask"]),
-        max_abs_diff(eval_queries.query_feats[restore], io["pre_query_feats"]),
-        max_abs_diff(eval_queries.query_mask[restore], io["pre_query_mask"]),
-    ]
+    query_feats = eval_queries.last_tokens() if io["pre_query_feats"].ndim == 2 else eval_queries.query_feats
+    ours = {
+        "pre_clip_feats": eval_videos.clip_feats,
+        "pre_frame_feats": eval_videos.frame_feats,
+        "pre_frame_mask": eval_videos.frame_mask,
+        "pre_query_feats": query_feats[restore],
+        "pre_query_mask": eval_queries.query_mask[restore],
+    }
+    inputs = [max_abs_diff(value, io[key]) for key, value in ours.items() if key in io]
     train = train_batch(config, io, cfg)
     orders = [
         max_abs_diff(np.array(row_of), io["order_eval_queries"]),
@@ -171,12 +192,10 @@ def preprocessing_errors(config: dict[str, Any], io: dict[str, np.ndarray]) -> d
 def train_batch(config: dict[str, Any], io: dict[str, np.ndarray], cfg: PreprocessConfig) -> Any:
     """The official training batch (all videos, all queries) built by our dataset and collate."""
     data = config["data"]
-    video_ids, query_ids = data["video_ids"], data["query_ids"]
-    videos = dict(zip(video_ids, _ragged(io["raw_video_feats"], io["raw_video_num_frames"]), strict=True))
-    texts = dict(zip(query_ids, _ragged(io["raw_query_feats"], io["raw_query_num_tokens"]), strict=True))
+    videos, texts = _raw_features(config, io)
     queries = [
-        Query(qid, "fixture", video_ids[vi], 1.0, (), "train")
-        for qid, vi in zip(query_ids, data["query_video"], strict=True)
+        Query(qid, "fixture", data["video_ids"][vi], 1.0, (), "train")
+        for qid, vi in zip(data["query_ids"], data["query_video"], strict=True)
     ]
     dataset = VideoQueryDataset(queries, videos, texts, cfg)
     return collate_train([dataset[i] for i in range(len(dataset))])
