@@ -13,7 +13,8 @@
 Training follows the official code (docs/propy_official_code.md §4-6): batches of `batch_videos` videos per rank,
 each with all its captions; the symmetric multi-positive InfoNCE over the MIL similarity of the global batch
 (embeddings are all-gathered with gradients across ranks); AdamW with 10 % warm-up and a cosine schedule; gradient
-clipping at 1.0; AMP on GPUs. Frames are read as uint8 from the cache and normalised on the device.
+clipping at 1.0; AMP on GPUs. Under torchrun the step runs in torch DistributedDataParallel (see
+`stages.train.distributed`). Frames are read as uint8 from the cache and normalised on the device.
 
 Outputs (`cache/<dataset>/propy/`): `last.pt` (everything needed to resume, written every epoch and every
 `checkpoint_every_steps` updates) and `best.pt` (the selected epoch's trainable parameters and config); the
@@ -24,26 +25,23 @@ checkpoint was when started again with the same configuration.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from stages.data.checkpoint import load_checkpoint, save_checkpoint
+from stages.data.checkpoint import save_checkpoint
 from stages.data.config import BaseConfig
 from stages.data.corpus import Corpus, load_corpus
 from stages.data.device import autocast_dtype
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache
 from stages.data.frame_dataset import FrameDataset
-from stages.data.rng import capture_rng, restore_rng
 from stages.data.schema import video_durations
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.models.clip_backbone import file_sha256, normalize_frames, tokenize
@@ -53,14 +51,17 @@ from stages.train.distributed import (
     GlobalBatchSampler,
     WorldInfo,
     barrier,
-    cleanup_distributed,
-    gather_embeddings,
-    init_distributed,
+    distributed_run,
+    epoch_loader,
+    gather_batch,
     is_main_process,
-    world_info_from_env,
+    log_main,
+    resolve_device,
+    wrap_ddp,
 )
-from stages.train.loop import LoopConfig, Trainer, resolve_device
+from stages.train.loop import LoopConfig, Trainer
 from stages.train.optim import WarmupCosine, build_adamw
+from stages.train.resume import RunCheckpoint, run_fingerprint
 
 MODEL_NAME = "propy"
 # Keys that change how fast training runs or where it stops, not what it computes: a checkpoint written under
@@ -123,6 +124,23 @@ def _loader(dataset: FrameDataset, workers: int, pin: bool, **kwargs: Any) -> Da
     return DataLoader(dataset, num_workers=workers, pin_memory=pin, **kwargs)
 
 
+class PropyObjective(nn.Module):
+    """One training step's computation, the module DDP wraps: this rank's videos and captions encoded, every
+    rank's embeddings gathered, the loss of the global batch (and its number of videos)."""
+
+    def __init__(self, model: ProPy) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor, text_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """uint8 frames [B, Nf, S, S, 3], caption tokens [Nt, L] and each caption's video [Nt] -> (loss, videos)."""
+        videos = self.model.encode_videos(normalize_frames(frames))
+        queries = self.model.encode_queries(text_ids)
+        videos, queries, labels = gather_batch({"videos": videos}, {"queries": queries}, labels)
+        loss, _, _ = propy_loss(self.model.similarity(queries["queries"], videos["videos"]), labels)
+        return loss, len(videos["videos"])
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Scoring a model (model selection and the evaluate stage)
 # ------------------------------------------------------------------------------------------------------------------
@@ -168,31 +186,13 @@ def history_path(base: BaseConfig) -> Path:
     return base.dataset_metrics / f"{MODEL_NAME}_history.tsv"
 
 
-def run_fingerprint(
-    base: BaseConfig, cfg: TrainPropyConfig, clip_sha256: str, world: WorldInfo, ids: list[str]
-) -> dict[str, Any]:
-    """What must be equal for a checkpoint to be resumed: everything that changes the computation."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_KEYS}
-    settings["model"] = cfg.model.to_dict()
-    settings["global_batch"] = settings.pop("batch_videos") * world.world_size
-    videos = hashlib.sha256("\n".join(ids).encode()).hexdigest()
-    return {"seed": base.seed, "clip_sha256": clip_sha256, "train_videos": videos, "config": json.dumps(settings)}
-
-
 def run_train_propy(base: BaseConfig, cfg: TrainPropyConfig) -> Path:
     """Train ProPy (single process or one rank of torchrun/SLURM) and return the run directory.
 
     Resumes from `last.pt` when it was written with the same configuration; otherwise starts from scratch.
     """
-    world = world_info_from_env()
-    device = resolve_device(cfg.device, world)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    init_distributed(device)
-    try:
+    with distributed_run(cfg.device, cfg.threads) as (world, device):
         return _train(base, cfg, world, device)
-    finally:
-        cleanup_distributed()
 
 
 def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: torch.device) -> Path:
@@ -212,43 +212,35 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
     schedule = WarmupCosine(cfg.lr, cfg.epochs * len(sampler), cfg.warmup)
     loop = LoopConfig(cfg.epochs, len(sampler), cfg.grad_clip, cfg.checkpoint_every_steps, cfg.max_steps)
     trainer = Trainer(parameters, optimizer, schedule, device, cfg.amp, loop)
+    objective = wrap_ddp(PropyObjective(model), device)
     out = propy_dir(base)
-    fingerprint = run_fingerprint(base, cfg, clip_sha256, world, corpus.video_ids)
-    if not _resume(out / "last.pt", fingerprint, model, trainer) and is_main_process():
+    identity = {"seed": base.seed, "clip_sha256": clip_sha256}
+    fingerprint = run_fingerprint(cfg, _RUNTIME_KEYS, "batch_videos", world, corpus.video_ids, **identity)
+    checkpoint = RunCheckpoint(out / "last.pt", fingerprint, "train_propy")
+    resumed = checkpoint.resume(trainer, lambda state: model.load_trainable_state_dict(state["trainable"]))
+    if not resumed and is_main_process():
         (out / "best.pt").unlink(missing_ok=True)  # selected by another run
     if trainer.finished:
-        _log(f"train_propy: {out / 'last.pt'} is a finished run of this configuration; nothing to do")
+        log_main(f"train_propy: {out / 'last.pt'} is a finished run of this configuration; nothing to do")
         if is_main_process():
             _write_history(history_path(base), trainer.progress.history)
         return out
 
     def batches(epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start)
-        loader = _loader(dataset, cfg.num_workers, device.type == "cuda", batch_sampler=sampler, collate_fn=collate)
-        yield from loader
+        loader_options = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "collate_fn": collate}
+        yield from epoch_loader(dataset, sampler, epoch, start, **loader_options)
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        frames, text_ids, labels = (t.to(device, non_blocking=True) for t in batch)
-        videos = model.encode_videos(normalize_frames(frames))
-        queries = model.encode_queries(text_ids)
-        videos, queries, labels = gather_embeddings(videos, queries, labels)
-        loss, _, _ = propy_loss(model.similarity(queries, videos), labels)
-        return loss, videos.shape[0]
+        return objective(*(t.to(device, non_blocking=True) for t in batch))
 
     def save() -> None:
-        if is_main_process():
-            payload = {
-                "model": MODEL_NAME,
-                "model_config": cfg.model.to_dict(),
-                "clip_sha256": clip_sha256,
-                "trainable": model.trainable_state_dict(),
-                "fingerprint": fingerprint,
-                "rng": capture_rng(),
-                **trainer.state_dict(),
-            }
-            save_checkpoint(out / "last.pt", payload)
-        barrier()
+        checkpoint.save(
+            trainer,
+            model=MODEL_NAME,
+            model_config=cfg.model.to_dict(),
+            clip_sha256=clip_sha256,
+            trainable=model.trainable_state_dict(),
+        )
 
     def end_epoch(record: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"split": cfg.select_split}
@@ -266,7 +258,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
                 _save_model(out / "best.pt", model, cfg.model, clip_sha256, selection)
             _write_history(history_path(base), [*trainer.progress.history, {**record, **extra}])
             score = f", {cfg.select_split} SumR {extra['select_SumR']:.2f}" if select else ""
-            _log(f"epoch {record['epoch']}: loss {record['loss']:.4f}{score}")
+            log_main(f"epoch {record['epoch']}: loss {record['loss']:.4f}{score}")
         barrier()
         return extra
 
@@ -274,7 +266,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
     if is_main_process():
         _write_history(history_path(base), trainer.progress.history)
         state = "finished" if finished else f"stopped at step {trainer.progress.step} (max_steps); run again to resume"
-        _log(f"train_propy: {state}; checkpoints in {out}")
+        log_main(f"train_propy: {state}; checkpoints in {out}")
     return out
 
 
@@ -282,22 +274,6 @@ def _selection_rule(split: str) -> str:
     if split == "last":
         return "last epoch (no selection)"
     return f"best epoch by SumR on the {split} split (ties: the earlier epoch)"
-
-
-def _resume(path: Path, fingerprint: dict[str, Any], model: ProPy, trainer: Trainer) -> bool:
-    """Load `path` into the model and trainer if it was written by this configuration; return whether it was."""
-    if not path.is_file():
-        return False
-    state = load_checkpoint(path)
-    if state.get("fingerprint") != fingerprint:
-        _log(f"train_propy: {path} was written by another configuration; starting from scratch")
-        return False
-    model.load_trainable_state_dict(state["trainable"])
-    trainer.load_state_dict(state)
-    restore_rng(state["rng"])
-    progress = trainer.progress
-    _log(f"train_propy: resuming from {path} (epoch {progress.epoch + 1}, step {progress.step})")
-    return True
 
 
 def _save_model(path: Path, model: ProPy, config: ProPyConfig, clip_sha256: str, selection: dict[str, Any]) -> None:
@@ -325,11 +301,6 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 def _cell(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _log(message: str) -> None:
-    if is_main_process():
-        print(message, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -363,5 +334,5 @@ def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: Evalua
         metrics["untrained"] = score(untrained, corpus, quick)
     path = base.dataset_metrics / f"{MODEL_NAME}.json"
     write_metrics(path, metrics)
-    _log(f"evaluate propy: {headline} R1 {metrics['R1']:.2f} SumR {metrics['SumR']:.2f} -> {path}")
+    log_main(f"evaluate propy: {headline} R1 {metrics['R1']:.2f} SumR {metrics['SumR']:.2f} -> {path}")
     return metrics
