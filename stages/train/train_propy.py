@@ -41,7 +41,7 @@ from stages.data.corpus import Corpus, load_corpus
 from stages.data.device import autocast_dtype
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache
-from stages.data.frame_dataset import FrameDataset
+from stages.data.frame_dataset import EncodedFrames, FrameDataset, collate_frames, stack_frames
 from stages.data.schema import video_durations
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.models.clip_backbone import file_sha256, normalize_frames, tokenize
@@ -89,6 +89,7 @@ class TrainPropyConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     device: str = "auto"  # auto | cpu | cuda (the local rank's GPU)
     amp: bool = True  # mixed precision on GPUs (bf16 where supported, else fp16 with a GradScaler)
+    decode_on_device: bool = False  # JPEG caches: workers ship compressed frames, decoded on the device (nvJPEG)
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     eval_batch_videos: int = 16  # videos per forward pass when scoring the selection split
 
@@ -112,8 +113,10 @@ class CaptionCollate:
     def __init__(self, captions: Sequence[Sequence[str]], max_words: int) -> None:
         self.captions, self.max_words = captions, max_words
 
-    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        frames = torch.stack([frames for frames, _ in items])
+    def __call__(
+        self, items: list[tuple[torch.Tensor | EncodedFrames, int]]
+    ) -> tuple[torch.Tensor | EncodedFrames, torch.Tensor, torch.Tensor]:
+        frames = stack_frames([frames for frames, _ in items])
         texts = [self.captions[index] for _, index in items]
         labels = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(t) for t in texts]))
         return frames, tokenize([c for t in texts for c in t], self.max_words), labels
@@ -161,7 +164,9 @@ def evaluate_propy(
     model.eval()
     nf = model.pyramid.num_frames
     dataset = FrameDataset(FrameCache(base.frames_path), corpus.video_ids, nf, train=False, tail_fix=cfg.tail_fix)
-    videos = _loader(dataset, cfg.num_workers, device.type == "cuda", batch_size=batch_videos)
+    videos = _loader(
+        dataset, cfg.num_workers, device.type == "cuda", batch_size=batch_videos, collate_fn=collate_frames
+    )
     texts = [q.query for q in corpus.queries]
     query_batches = [texts[i : i + batch_queries] for i in range(0, len(texts), batch_queries)]
     gt_video, gt_windows = ground_truth(corpus.queries, corpus.video_ids)
@@ -204,7 +209,15 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
     model.train()
     nf = model.pyramid.num_frames
     cache = FrameCache(base.frames_path)
-    dataset = FrameDataset(cache, corpus.video_ids, nf, train=True, tail_fix=cfg.tail_fix, seed=base.seed)
+    if cfg.decode_on_device and corpus.video_ids and cache.codec(corpus.video_ids[0]) != "jpeg":
+        raise PipelineError(
+            f"train_propy.decode_on_device needs a JPEG frame cache (decode.codec: jpeg); {cache.path} is not"
+        )
+    dataset = FrameDataset(
+        cache, corpus.video_ids, nf, train=True, tail_fix=cfg.tail_fix, seed=base.seed, encoded=cfg.decode_on_device
+    )
+    if not cfg.decode_on_device:  # batches decoded into reused shared-memory slots
+        dataset.share_batches(cfg.batch_videos, slots=2 * cfg.num_workers + 2)
     sampler = GlobalBatchSampler(len(dataset), cfg.batch_videos, world, base.seed)
     collate = CaptionCollate(corpus.captions(), cfg.max_words)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -228,10 +241,14 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
 
     def batches(epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         loader_options = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "collate_fn": collate}
-        yield from epoch_loader(dataset, sampler, epoch, start, **loader_options)
+        for frames, text_ids, labels in epoch_loader(dataset, sampler, epoch, start, **loader_options):
+            yield dataset.take(frames), text_ids, labels
+            dataset.give_back(frames)  # the step is done with it
 
-    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return objective(*(t.to(device, non_blocking=True) for t in batch))
+    def loss_fn(batch: tuple[torch.Tensor | EncodedFrames, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        frames, text_ids, labels = batch
+        frames = frames.decode(device) if isinstance(frames, EncodedFrames) else frames.to(device, non_blocking=True)
+        return objective(frames, text_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True))
 
     def save() -> None:
         checkpoint.save(
