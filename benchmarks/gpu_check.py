@@ -39,14 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.data.frame_cache import (  # noqa: E402
-    FrameCache,
-    FrameStorage,
-    ensure_cache,
-    new_staging_path,
-    publish_video,
-    write_video,
-)
+from stages.data import frame_cache  # noqa: E402
 from stages.data.frame_dataset import EncodedFrames, FrameDataset  # noqa: E402
 from stages.models.clip_backbone import ClipArch, tokenize  # noqa: E402
 from stages.models.propy import ProPy, ProPyConfig  # noqa: E402
@@ -166,11 +159,12 @@ def natural_frames(count: int, size: int, seed: int) -> np.ndarray:
 def jpeg_cache(root: Path, videos: int, frames: int, size: int) -> Path:
     """A JPEG q90 frame cache of `videos` synthetic videos."""
     cache = root / "frames.zarr"
-    ensure_cache(cache)
+    frame_cache.ensure_cache(cache)
+    storage = frame_cache.FrameStorage(codec="jpeg", jpeg_quality=90)
     for v in range(videos):
-        staged = new_staging_path(cache, f"v{v}")
-        write_video(staged, natural_frames(frames, size, v), {}, FrameStorage(codec="jpeg", jpeg_quality=90))
-        publish_video(staged, cache, f"v{v}")
+        staged = frame_cache.new_staging_path(cache, f"v{v}")
+        frame_cache.write_video(staged, natural_frames(frames, size, v), {}, storage)
+        frame_cache.publish_video(staged, cache, f"v{v}")
     return cache
 
 
@@ -181,7 +175,7 @@ def stall_part(size: dict[str, Any], device: torch.device, workers: int, root: P
     started = time.perf_counter()
     cache = jpeg_cache(root, videos, 3 * nf, image)
     result: dict[str, Any] = {"workers": workers, "cache_build_s": time.perf_counter() - started}
-    ids = FrameCache(cache).video_ids()
+    ids = frame_cache.FrameCache(cache).video_ids()
     captions = [[f"caption {k} of video {v}" for k in range(size["captions"])] for v in range(len(ids))]
     collate = CaptionCollate(captions, size["words"])
     _, trainer, objective = build(size, device, fast_path=True)

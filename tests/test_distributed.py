@@ -18,6 +18,7 @@ from stages.train.distributed import (
     WorldInfo,
     distributed_run,
     gather_batch,
+    gather_embeddings,
     is_main_process,
     world_info_from_env,
     wrap_ddp,
@@ -100,8 +101,8 @@ class TinyRetrieval(torch.nn.Module):
         long = texts[:, 0] > 1.0
         if long.any():
             queries = queries + long[:, None] * self.long_text(texts)
-        videos, texts, labels = gather_batch({"events": events}, {"queries": queries}, labels)
-        return self.scale * contrastive_loss(texts["queries"], videos["events"], labels)
+        events, queries, labels = gather_embeddings(events, queries, labels)
+        return self.scale * contrastive_loss(queries, events, labels)
 
 
 def contrastive_loss(queries: torch.Tensor, events: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -156,3 +156,34 @@ def test_max_steps_stops_and_a_changed_config_starts_again(base: BaseConfig) -> 
     other = replace(RESUMED, train=replace(RESUMED.train, lr=1e-3, n_epoch=1))
     run_train_baseline(base, "msl", other)  # another configuration: from scratch, one epoch
     assert load_checkpoint(out / "last.pt")["progress"]["step"] == 3 and (out / "model.safetensors").exists()
+
+
+def _train_rank(rank: int, port: int, root: str, cfg: BaselineStageConfig) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    run_train_baseline(toy_base(Path(root)), "msl", cfg)
+
+
+@pytest.mark.slow  # two processes importing torch: ~30 s idle, minutes on a busy machine
+def test_two_gloo_ranks_train_a_baseline_like_one_process(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model = {**RESUMED.model, "input_drop": 0.0, "drop": 0.0}  # dropout draws differ between ranks
+    one = replace(RESUMED, model=model, train=replace(RESUMED.train, batch_size=6, n_epoch=3))
+    expected = load_file(str(run_train_baseline(make_dataset(tmp_path / "one"), "msl", one) / "model.safetensors"))
+    make_dataset(tmp_path / "two")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = replace(one, train=replace(one.train, batch_size=3))  # 3 videos per rank: the same global batch of 6
+    mp.spawn(_train_rank, args=(port, str(tmp_path / "two"), two), nprocs=2, join=True)
+    out = toy_base(tmp_path / "two").dataset_cache / "baselines" / "msl"
+    got = load_file(str(out / "model.safetensors"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert load_checkpoint(out / "last.pt")["progress"]["step"] == 3 * 2

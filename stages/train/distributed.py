@@ -157,7 +157,6 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
         device_ids=[device.index] if device.type == "cuda" else None,
         forward_sync_buffers=False,
         find_unused_parameters=find_unused_parameters,
-        gradient_as_bucket_view=True,
     )
 
 
@@ -209,6 +208,14 @@ def gather_batch(
     all_videos = {name: _gather_rows(t, video_counts) for name, t in videos.items()}
     all_queries = {name: _gather_rows(t, query_counts) for name, t in queries.items()}
     return all_videos, all_queries, all_labels
+
+
+def gather_embeddings(
+    videos: torch.Tensor, texts: torch.Tensor, text_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gather_batch` of one per-video and one per-caption tensor (ProPy's events [B, Ne, E] and captions [Nt, E])."""
+    all_videos, all_texts, all_labels = gather_batch({"videos": videos}, {"texts": texts}, text_labels)
+    return all_videos["videos"], all_texts["texts"], all_labels
 
 
 class GlobalBatchSampler:

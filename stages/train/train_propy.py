@@ -53,7 +53,7 @@ from stages.train.distributed import (
     barrier,
     distributed_run,
     epoch_loader,
-    gather_batch,
+    gather_embeddings,
     is_main_process,
     log_main,
     resolve_device,
@@ -139,9 +139,9 @@ class PropyObjective(nn.Module):
         """uint8 frames [B, Nf, S, S, 3], caption tokens [Nt, L] and each caption's video [Nt] -> (loss, videos)."""
         videos = self.model.encode_videos(normalize_frames(frames))
         queries = self.model.encode_queries(text_ids)
-        videos, queries, labels = gather_batch({"videos": videos}, {"queries": queries}, labels)
-        loss, _, _ = propy_loss(self.model.similarity(queries["queries"], videos["videos"]), labels)
-        return loss, len(videos["videos"])
+        videos, queries, labels = gather_embeddings(videos, queries, labels)
+        loss, _, _ = propy_loss(self.model.similarity(queries, videos), labels)
+        return loss, len(videos)
 
 
 # ------------------------------------------------------------------------------------------------------------------
