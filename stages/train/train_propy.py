@@ -41,7 +41,7 @@ from stages.data.corpus import Corpus, load_corpus
 from stages.data.device import autocast_dtype
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache
-from stages.data.frame_dataset import EncodedFrames, FrameDataset, collate_frames, stack_frames
+from stages.data.frame_dataset import EncodedFrames, FrameDataset, Frames, collate_frames, stack_frames
 from stages.data.schema import video_durations
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.models.clip_backbone import file_sha256, normalize_frames, tokenize
@@ -113,9 +113,7 @@ class CaptionCollate:
     def __init__(self, captions: Sequence[Sequence[str]], max_words: int) -> None:
         self.captions, self.max_words = captions, max_words
 
-    def __call__(
-        self, items: list[tuple[torch.Tensor | EncodedFrames, int]]
-    ) -> tuple[torch.Tensor | EncodedFrames, torch.Tensor, torch.Tensor]:
+    def __call__(self, items: list[tuple[Frames, int]]) -> tuple[Frames, torch.Tensor, torch.Tensor]:
         frames = stack_frames([frames for frames, _ in items])
         texts = [self.captions[index] for _, index in items]
         labels = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(t) for t in texts]))
