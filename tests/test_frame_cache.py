@@ -1,7 +1,9 @@
-"""The zarr v3 frame cache (write, publish, read with tensorstore or zarr-python) and the frame Dataset."""
+"""The zarr v3 frame cache (write, publish, read with tensorstore or zarr-python) and the frame Dataset: batches
+decoded into shared memory without copies, JPEG frames shipped compressed and decoded like the workers decode them."""
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -21,7 +23,7 @@ from stages.data.frame_cache import (
     staging_dir,
     write_video,
 )
-from stages.data.frame_dataset import FrameDataset
+from stages.data.frame_dataset import EncodedFrames, FrameDataset, collate_frames, stack_frames
 from stages.data.sampling import eval_indices, train_indices
 
 
@@ -148,3 +150,114 @@ def test_dataloader_workers_give_the_same_batches(cache_root: Path) -> None:
         batches[workers] = [(frames.clone(), index.clone()) for frames, index in loader]
     for (a, ia), (b, ib) in zip(batches[0], batches[2], strict=True):
         assert a.equal(b) and ia.equal(ib)
+
+
+def _natural(num_frames: int, size: int = 32) -> np.ndarray:
+    """Smooth frames with noise (what JPEG is for), the first pixel still counting frames."""
+    ramp = np.linspace(20, 230, size)[None, None, :, None] + 10 * np.arange(num_frames)[:, None, None, None] % 50
+    noise = np.random.default_rng(3).normal(0, 3, (num_frames, size, size, 3))
+    return np.clip(ramp + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def jpeg_root(tmp_path: Path) -> Path:
+    root = tmp_path / "jpeg.zarr"
+    ensure_cache(root)
+    for name, count in (("a", 12), ("b", 7), ("c", 20)):
+        _store(root, name, _natural(count), FrameStorage(codec="jpeg", jpeg_quality=85))
+    return root
+
+
+def test_jpeg_frames_decode_to_the_pixels_of_pillow(jpeg_root: Path) -> None:
+    from PIL import Image
+
+    cache = FrameCache(jpeg_root)
+    encoded = cache.read_encoded("c", [3, 0, 3])
+    pillow = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in encoded])
+    np.testing.assert_array_equal(cache.read("c", [3, 0, 3]), pillow)
+    _store(jpeg_root, "z", _frames(4))
+    with pytest.raises(PipelineError, match="not JPEG-coded"):
+        FrameCache(jpeg_root).read_encoded("z", [0])
+
+
+def test_runs_of_consecutive_frames_and_raw_arrays_read_like_single_frames(tmp_path: Path, cache_root: Path) -> None:
+    cache = FrameCache(cache_root)
+    picks = np.array([0, 1, 2, 3, 9, 10, 30, 31, 32, 39])
+    out = np.zeros((len(picks), 16, 16, 3), np.uint8)
+    cache.read_into("long", picks, out)
+    np.testing.assert_array_equal(out, np.stack([cache.read("long", [i])[0] for i in picks]))
+    raw = tmp_path / "raw.zarr"  # an uncompressed one-shard array: read with one preadv per run, no decode
+    frames = _frames(9)
+    array = zarr.create_array(
+        str(raw / "r"), shape=frames.shape, dtype="uint8", chunks=(1, 16, 16, 3), shards=frames.shape, compressors=None
+    )
+    array[:] = frames
+    assert FrameCache(raw).codec("r") == "raw" and cache.codec("long") == "zstd"
+    np.testing.assert_array_equal(FrameCache(raw).read("r", [8, 2, 3, 4, 4]), frames[[8, 2, 3, 4, 4]])
+
+
+def test_a_truncated_shard_is_a_clear_error(cache_root: Path) -> None:
+    shard = cache_root / "long" / "c/0/0/0/0"
+    data = shard.read_bytes()
+    index = data[-(16 * 40 + 4) :]
+    shard.write_bytes(data[: len(data) // 2] + b"\0" * 10 + index)  # the index survives, frames do not
+    with pytest.raises(PipelineError, match="shorter than its index"):
+        FrameCache(cache_root).read("long", [39])
+
+
+def test_batches_are_built_in_shared_memory_and_passed_on_without_a_copy(cache_root: Path) -> None:
+    ids = ["long", "short", "long", "long"]
+    dataset = FrameDataset(FrameCache(cache_root), ids, nf=8, train=True, seed=1)
+    items = dataset.__getitems__([0, 1])
+    frames, indices = collate_frames(items)
+    assert frames.data_ptr() == items[0][0].data_ptr() and indices.tolist() == [0, 1]  # the batch itself
+    assert torch.equal(frames[1], dataset[1][0])
+    swapped = stack_frames([items[1][0], items[0][0]])  # not the batch's rows in order: a stacked copy
+    assert swapped.data_ptr() != frames.data_ptr() and torch.equal(swapped, torch.stack([frames[1], frames[0]]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_frames)
+    for batch, (frames, indices) in zip(([0, 1], [2, 3]), loader, strict=True):
+        assert frames.is_shared() and indices.tolist() == batch
+        assert torch.equal(frames, torch.stack([dataset[i][0] for i in batch]))
+
+
+def test_encoded_frames_decoded_in_the_trainer_equal_the_workers_decoding(jpeg_root: Path) -> None:
+    ids = ["a", "b", "c", "a"]
+    decoded = FrameDataset(jpeg_root, ids, nf=8, train=True, seed=2)
+    encoded = FrameDataset(jpeg_root, ids, nf=8, train=True, seed=2, encoded=True)
+    expected = torch.stack([decoded[i][0] for i in range(4)])
+    loader = torch.utils.data.DataLoader(encoded, batch_size=4, num_workers=2, collate_fn=collate_frames)
+    (batch, indices), *_ = list(loader)
+    assert isinstance(batch, EncodedFrames) and batch.shape == (4, 8, 32, 32, 3) and indices.tolist() == [0, 1, 2, 3]
+    assert len(batch.data) < expected.numel() / 3
+    assert torch.equal(batch.decode(torch.device("cpu")), expected)
+
+
+def test_shared_slots_are_reused_and_hold_the_same_batches(cache_root: Path) -> None:
+    ids = ["long", "short", "long", "long", "short", "long"]
+    plain = FrameDataset(FrameCache(cache_root), ids, nf=8, train=True, seed=1)
+    shared = FrameDataset(FrameCache(cache_root), ids, nf=8, train=True, seed=1)
+    shared.share_batches(batch_size=2, slots=6)
+    for epoch in (0, 1):
+        shared.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(shared, batch_size=2, num_workers=2, collate_fn=collate_frames)
+        slots = []
+        for batch, (frames, indices) in zip(([0, 1], [2, 3], [4, 5]), loader, strict=True):
+            slots.append(frames.slot)
+            assert indices.tolist() == batch
+            assert torch.equal(shared.take(frames), torch.stack([plain[i][0] for i in batch]))
+            shared.give_back(frames)
+        assert set(slots) <= set(range(6))
+
+
+def test_a_consumer_that_keeps_every_slot_gets_a_clear_error(cache_root: Path) -> None:
+    dataset = FrameDataset(FrameCache(cache_root), ["long", "short"], nf=8, train=False)
+    dataset.share_batches(batch_size=1, slots=1)
+    dataset.shared.timeout = 0.2
+    kept = dataset.__getitems__([0])[0][0]
+    with pytest.raises(PipelineError, match="give every batch back"):
+        dataset.__getitems__([1])
+    dataset.give_back(kept)  # now the slot is free again
+    frames, _ = collate_frames(dataset.__getitems__([1]))
+    expected = FrameDataset(FrameCache(cache_root), ["long", "short"], nf=8, train=False)[1][0]
+    assert frames.slot == kept.slot and torch.equal(dataset.take(frames)[0], expected)

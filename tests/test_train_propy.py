@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from stages.data.checkpoint import load_checkpoint
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
-from stages.data.frame_cache import FrameStorage, ensure_cache, new_staging_path, publish_video, write_video
+from stages.data.frame_cache import FrameCache, FrameStorage, ensure_cache, new_staging_path, publish_video, write_video
 from stages.data.schema import Query, write_queries
 from stages.evaluate.evaluator import EvaluateConfig
 from stages.models.clip_backbone import tokenize
@@ -219,3 +219,25 @@ def test_dead_parameters_are_trained_with_zero_gradients_or_frozen(tiny_clip_wei
         loss.backward()
         grads = [p.grad for p in model.dead_parameters()]
         assert all(g is not None and not g.any() for g in grads) if decay else all(g is None for g in grads)
+
+
+def test_jpeg_frames_decoded_by_the_trainer_train_like_frames_decoded_by_the_workers(
+    tmp_path: Path, tiny_clip_weights: Path
+) -> None:
+    bases = {}
+    for on_device in (False, True):
+        base = make_dataset(tmp_path / str(on_device), tiny_clip_weights)
+        cache = FrameCache(base.frames_path)
+        for video_id in cache.video_ids():  # the same toy videos, JPEG-coded
+            frames = cache.read(video_id)
+            staged = write_video(new_staging_path(base.frames_path, video_id), frames, {}, FrameStorage("jpeg"))
+            publish_video(staged, base.frames_path, video_id)
+        run_train_propy(base, replace(TOY, max_steps=3, decode_on_device=on_device, select_split="last"))
+        bases[on_device] = trainable(propy_dir(base) / "last.pt")
+    for name, tensor in bases[False].items():
+        assert torch.equal(tensor, bases[True][name]), name
+
+
+def test_decoding_on_the_device_needs_a_jpeg_cache(toy_base: BaseConfig) -> None:
+    with pytest.raises(PipelineError, match="needs a JPEG frame cache"):
+        run_train_propy(toy_base, replace(TOY, decode_on_device=True))

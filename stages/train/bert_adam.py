@@ -12,6 +12,7 @@ horizon and a linear decay to 0 at t_total (the first step therefore has learnin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,6 +34,23 @@ def bert_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if any(marker in name for marker in NO_DECAY_MARKERS) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass(frozen=True)
+class WarmupLinear:
+    """BertAdam's schedule as the training loop sees it (`loop.Schedule`): BertAdam applies it itself."""
+
+    peak_lr: float
+    total_steps: int
+    warmup: float
+
+    def lr(self, step: int) -> float:
+        """The learning rate of the update with 0-based index `step`."""
+        return self.peak_lr * warmup_linear(step / self.total_steps, self.warmup)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Nothing to set (BertAdam schedules from its own step count); returns the rate."""
+        return self.lr(step)
 
 
 class BertAdam(torch.optim.Optimizer):

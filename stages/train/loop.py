@@ -2,9 +2,11 @@
 
 The model-specific part is one `loss_fn(batch) -> (loss, items)`; the loop sets the scheduled learning rate,
 runs the forward pass under autocast (bf16 on GPUs that support it, fp16 with a GradScaler otherwise, fp32 on CPU),
-back-propagates, averages gradients over ranks, clips the global norm and steps. It calls `save` every
+back-propagates, clips the global norm and steps. Under torchrun, `loss_fn` calls the module wrapped by
+`distributed.wrap_ddp`, whose backward pass averages the gradients over ranks. The loop calls `save` every
 `checkpoint_every_steps` updates and after every epoch, and resumes from `Trainer.load_state_dict` in the middle of
-an epoch (the batch source must skip the batches already trained, see `GlobalBatchSampler`).
+an epoch (the batch source must skip the batches already trained, see `GlobalBatchSampler`); `Trainer.stop` ends
+training early (early stopping), for good.
 """
 
 from __future__ import annotations
@@ -12,24 +14,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
 from stages.data.device import autocast, autocast_dtype
-from stages.data.device import resolve_device as resolve_config_device
-from stages.train.distributed import WorldInfo, average_gradients, is_main_process
-from stages.train.optim import WarmupCosine
+from stages.train.distributed import is_main_process
 
 
-def resolve_device(spec: str, world: WorldInfo) -> torch.device:
-    """`auto` (the local rank's GPU if there is one, else the CPU), `cpu`, `cuda` or `cuda:K`."""
-    device = resolve_config_device(spec)
-    if device.type == "cuda":
-        device = device if device.index is not None else torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
-    return device
+class Schedule(Protocol):
+    """A learning rate that is a pure function of the global step (e.g. `optim.WarmupCosine`)."""
+
+    def lr(self, step: int) -> float:
+        """The learning rate of the update with 0-based index `step`."""
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set the optimiser's rate for update `step` (if the optimiser does not schedule itself); return it."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class LoopConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     checkpoint_every_steps: int = 0  # also checkpoint every N updates (0 = only after each epoch)
     max_steps: int = 0  # stop (with a checkpoint) after this many updates in total; 0 = train to the end
+    progress: bool = True  # a tqdm bar per epoch (on rank 0)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class LoopProgress:
     step: int = 0  # updates done in total
     loss_sum: float = 0.0  # sum of this epoch's step losses (for the epoch mean)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    stopped: bool = False  # ended early by `Trainer.stop` (e.g. early stopping); a resumed run does not continue
 
 
 class Trainer:
@@ -61,7 +64,7 @@ class Trainer:
         self,
         parameters: list[torch.nn.Parameter],
         optimizer: torch.optim.Optimizer,
-        schedule: WarmupCosine,
+        schedule: Schedule,
         device: torch.device,
         amp: bool,
         cfg: LoopConfig,
@@ -78,8 +81,12 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        """True once every epoch has run."""
-        return self.progress.epoch >= self.cfg.epochs
+        """True once every epoch has run or training was stopped."""
+        return self.progress.stopped or self.progress.epoch >= self.cfg.epochs
+
+    def stop(self) -> None:
+        """End training after the current epoch (call it from `end_epoch`)."""
+        self.progress.stopped = True
 
     def state_dict(self) -> dict[str, Any]:
         """Optimiser, grad scaler and loop progress (tensors and primitives only)."""
@@ -102,7 +109,6 @@ class Trainer:
         with autocast(self.device, self.dtype):
             loss, items = loss_fn(batch)
         self.scaler.scale(loss).backward()
-        average_gradients(self.parameters)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
@@ -134,7 +140,7 @@ class Trainer:
                 total=cfg.steps_per_epoch,
                 initial=progress.step_in_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=not is_main_process(),
+                disable=not (cfg.progress and is_main_process()),
                 leave=False,
             )
             started, items_seen = time.perf_counter(), 0

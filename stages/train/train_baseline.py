@@ -1,14 +1,17 @@
 """Train and evaluate the feature baselines (every model of the registry that reads features).
 
     python pipeline.py train-baseline msl            # one baseline, settings from params.yaml `baselines.msl`
+    torchrun --standalone --nproc_per_node=4 pipeline.py train-baseline msl   # 4 GPUs (DDP; same updates as one)
     python pipeline.py evaluate msl                  # metrics/<dataset>/msl.json
     dvc repro train_baseline@msl evaluate@msl
     dvc exp run -S baselines.prototypes.model.num_prototypes=10   # Prototypes Table 5
 
 Each entry of the `baselines` section names a registered model (the entry's key), its model config (`model`, the
 keys of the model's config dataclass; feature sizes come from the feature store) and its training (`train`). The
-trained weights, the resolved configs and the history go to `cache/<dataset>/baselines/<name>/`. A reference with
-nothing to train (frozen CLIP MIL) records only that in `training.json`, so every entry has the same two stages.
+trained weights, the resolved configs and the history go to `cache/<dataset>/baselines/<name>/`, with `last.pt`
+(written every epoch and every `train.checkpoint_every_steps` updates): a killed run started again with the same
+configuration resumes where it was and ends with the same weights. A reference with nothing to train (frozen CLIP
+MIL) records only that in `training.json`, so every entry has the same two stages.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from stages.data.schema import read_queries
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.evaluate.retrieval import resolve_device
 from stages.models import build_model, model_spec
+from stages.models.baselines.base import BaselineConfig
 from stages.models.baselines.data import QueryDataset, VideoDataset, collate_queries, collate_videos
 from stages.models.baselines.preprocessing import PreprocessConfig
 from stages.models.trained import (
@@ -41,7 +45,15 @@ from stages.models.trained import (
     load_trained_baseline,
     save_baseline,
 )
-from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
+from stages.train.baseline_training import (
+    RUNTIME_KEYS,
+    BaselineDatasets,
+    BaselineTrainConfig,
+    BaselineTrainResult,
+    train_baseline,
+)
+from stages.train.distributed import distributed_run, is_main_process, log_main
+from stages.train.resume import RunCheckpoint, run_fingerprint
 
 MIL_PREPROCESS = PreprocessConfig(max_ctx_l=100_000, max_desc_l=1_000)  # every frame and token, L2-normalised
 
@@ -67,8 +79,6 @@ def run_train_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig) ->
     store = FeatureStore(base.features_path())
     config = baseline_config(name, cfg.model, _feature_dim(store))
     train_cfg = dataclasses.replace(cfg.train, seed=cfg.train.seed + base.seed)
-    torch.manual_seed(train_cfg.seed)  # the initial weights, like everything after, follow from the seed
-    model = build_model(name, cfg=config)
     datasets = BaselineDatasets.from_annotations(
         read_queries(base.annotations_path),
         store.videos,
@@ -77,20 +87,47 @@ def run_train_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig) ->
         train_split=cfg.train_split,
         val_split=cfg.select_split,
     )
-    result = train_baseline(model, datasets, train_cfg)
+    with distributed_run(train_cfg.device) as (world, _):
+        torch.manual_seed(train_cfg.seed)  # the initial weights, like everything after, follow from the seed
+        model = build_model(name, cfg=config)
+        trained = [f"{v}:{','.join(q)}" for v, q in datasets.train.query_ids_by_video.items()]
+        identity = {"model": name, "model_config": dataclasses.asdict(config), "select_split": cfg.select_split}
+        items = [*trained, *datasets.val_queries.query_ids]
+        fingerprint = run_fingerprint(
+            train_cfg, RUNTIME_KEYS, "batch_size", world, items, features=store.info.weights_sha256, **identity
+        )
+        checkpoint = RunCheckpoint(out / "last.pt", fingerprint, f"train_baseline {name}")
+        result = train_baseline(model, datasets, train_cfg, checkpoint=checkpoint)
+        if not result.finished:
+            log_main(f"train_baseline {name}: stopped at max_steps; run again to resume from {out / 'last.pt'}")
+        elif is_main_process():
+            _save_result(out, name, config, train_cfg, cfg.select_split, store, result)
+    return out
+
+
+def _save_result(
+    out: Path,
+    name: str,
+    config: BaselineConfig,
+    train_cfg: BaselineTrainConfig,
+    select_split: str,
+    store: FeatureStore,
+    result: BaselineTrainResult,
+) -> None:
+    """The selected weights (`model.safetensors`) and `training.json` (configs, selection, history)."""
     record = {
         "model": name,
         "trained": True,
         "model_config": dataclasses.asdict(config),
         "train_config": dataclasses.asdict(train_cfg),
-        "select_split": cfg.select_split,
+        "select_split": select_split,
         "best_epoch": result.best_epoch,
         "best_metrics": result.best_metrics,
         "history": result.history,
         "features": str(store.path),
         "features_weights_sha256": store.info.weights_sha256,
     }
-    return save_baseline(out, result.state_dict, record)
+    save_baseline(out, result.state_dict, record)
 
 
 def run_evaluate_baseline(

@@ -13,8 +13,9 @@
 Training follows the official code (docs/propy_official_code.md §4-6): batches of `batch_videos` videos per rank,
 each with all its captions; the symmetric multi-positive InfoNCE over the MIL similarity of the global batch
 (embeddings are all-gathered with gradients across ranks); AdamW with 10 % warm-up and a cosine schedule; gradient
-clipping at 1.0; the official clamp of `logit_scale`; AMP on GPUs. Frames are read as uint8 from the cache and
-normalised on the device. `python pipeline.py verify-reference propy-train PREFIX` runs `build_trainer` and
+clipping at 1.0; the official clamp of `logit_scale`; AMP on GPUs. Under torchrun the step runs in torch
+DistributedDataParallel (see `stages.train.distributed`). Frames are read as uint8 from the cache and normalised on
+the device. `python pipeline.py verify-reference propy-train PREFIX` runs `build_trainer` and
 `PropyStep` against steps of the official loop.
 
 Deliberate differences from the official loop are named options, official by default: `lr_floor` (the 1e-8 start
@@ -31,26 +32,23 @@ checkpoint was when started again with the same configuration.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from stages.data.checkpoint import load_checkpoint, save_checkpoint
+from stages.data.checkpoint import save_checkpoint
 from stages.data.config import BaseConfig
 from stages.data.corpus import Corpus, load_corpus
 from stages.data.device import autocast_dtype
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache
-from stages.data.frame_dataset import FrameDataset
-from stages.data.rng import capture_rng, restore_rng
+from stages.data.frame_dataset import EncodedFrames, FrameDataset, Frames, collate_frames, stack_frames
 from stages.data.schema import video_durations
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.models.clip_backbone import file_sha256, normalize_frames, tokenize
@@ -60,14 +58,17 @@ from stages.train.distributed import (
     GlobalBatchSampler,
     WorldInfo,
     barrier,
-    cleanup_distributed,
+    distributed_run,
+    epoch_loader,
     gather_embeddings,
-    init_distributed,
     is_main_process,
-    world_info_from_env,
+    log_main,
+    resolve_device,
+    wrap_ddp,
 )
-from stages.train.loop import LoopConfig, Trainer, resolve_device
+from stages.train.loop import LoopConfig, Trainer
 from stages.train.optim import LR_FLOOR, WarmupCosine, build_adamw
+from stages.train.resume import RunCheckpoint, run_fingerprint
 
 MODEL_NAME = "propy"
 LOGIT_SCALE_RANGE = (0.1, 4.6052)  # the official in-place clamp of the (frozen) clip.logit_scale after every update
@@ -99,6 +100,7 @@ class TrainPropyConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     device: str = "auto"  # auto | cpu | cuda (the local rank's GPU)
     amp: bool = True  # mixed precision on GPUs (bf16 where supported, else fp16 with a GradScaler)
+    decode_on_device: bool = False  # JPEG caches: workers ship compressed frames, decoded on the device (nvJPEG)
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     eval_batch_videos: int = 16  # videos per forward pass when scoring the selection split
 
@@ -124,8 +126,8 @@ class CaptionCollate:
     def __init__(self, captions: Sequence[Sequence[str]], max_words: int) -> None:
         self.captions, self.max_words = captions, max_words
 
-    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        frames = torch.stack([frames for frames, _ in items])
+    def __call__(self, items: list[tuple[Frames, int]]) -> tuple[Frames, torch.Tensor, torch.Tensor]:
+        frames = stack_frames([frames for frames, _ in items])
         texts = [self.captions[index] for _, index in items]
         labels = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(t) for t in texts]))
         return frames, tokenize([c for t in texts for c in t], self.max_words), labels
@@ -134,6 +136,25 @@ class CaptionCollate:
 def _loader(dataset: FrameDataset, workers: int, pin: bool, **kwargs: Any) -> DataLoader:
     """A DataLoader over the frame cache (its reader holds no threads or handles across a fork)."""
     return DataLoader(dataset, num_workers=workers, pin_memory=pin, **kwargs)
+
+
+class PropyObjective(nn.Module):
+    """One training step's computation, the module DDP wraps: this rank's videos and captions encoded, every
+    rank's embeddings gathered, the official loss of the global batch."""
+
+    def __init__(self, model: ProPy) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor, text_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLIP-normalised frames [B, Nf, 3, H, W], caption tokens [Nt, L], each caption's video [Nt] ->
+        `loss`, `t2v_loss`, `v2t_loss` and the `logits` [global captions, global videos]."""
+        videos = self.model.encode_videos(frames)
+        queries = self.model.encode_queries(text_ids)
+        videos, queries, labels = gather_embeddings(videos, queries, labels)
+        logits = self.model.similarity(queries, videos)
+        loss, t2v, v2t = propy_loss(logits, labels)
+        return {"loss": loss, "t2v_loss": t2v, "v2t_loss": v2t, "logits": logits}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -156,7 +177,9 @@ def evaluate_propy(
     model.eval()
     nf = model.pyramid.num_frames
     dataset = FrameDataset(FrameCache(base.frames_path), corpus.video_ids, nf, train=False, tail_fix=cfg.tail_fix)
-    videos = _loader(dataset, cfg.num_workers, device.type == "cuda", batch_size=batch_videos)
+    videos = _loader(
+        dataset, cfg.num_workers, device.type == "cuda", batch_size=batch_videos, collate_fn=collate_frames
+    )
     texts = [q.query for q in corpus.queries]
     query_batches = [texts[i : i + batch_queries] for i in range(0, len(texts), batch_queries)]
     gt_video, gt_windows = ground_truth(corpus.queries, corpus.video_ids)
@@ -193,23 +216,28 @@ def build_trainer(model: ProPy, cfg: TrainPropyConfig, steps_per_epoch: int, dev
 
 
 class PropyStep:
-    """The loss of one `train-propy` batch: forward of frames and captions, the official loss on the global batch.
+    """The loss of one `train-propy` batch: `PropyObjective` (in DDP under torchrun) plus the official loop's
+    bookkeeping around it.
 
     Before every update but the first, `clip.logit_scale` is clamped in place to `LOGIT_SCALE_RANGE`, which is where
     the official loop clamps it after each update (a no-op for OpenAI's CLIP, whose value is ln 100). Dead
     parameters that train get a zero gradient, as officially (the fast path does not even run the last adapter), so
-    AdamW steps and decays them. `last` holds the logits and the two halves of the loss of the latest batch.
+    AdamW steps and decays them (and DDP never sees them unused). `last` holds the logits and the two halves of the
+    loss of the latest batch.
     """
 
     def __init__(self, model: ProPy, trainer: Trainer, device: torch.device) -> None:
         self.model, self.trainer, self.device = model, trainer, device
+        self.objective = wrap_ddp(PropyObjective(model), device)
         self.dead = [p for p in model.dead_parameters() if p.requires_grad]
         self.last: dict[str, torch.Tensor] = {}
 
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """A collated batch: uint8 frames [B, Nf, S, S, 3], token ids, caption labels -> (loss, videos)."""
-        frames, text_ids, labels = (t.to(self.device, non_blocking=True) for t in batch)
-        return self.loss(normalize_frames(frames), text_ids, labels)
+    def __call__(self, batch: tuple[Frames, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """A collated batch: uint8 frames [B, Nf, S, S, 3] (or JPEG bytes), token ids, caption labels."""
+        frames, text_ids, labels = batch
+        frames = frames.decode(self.device) if isinstance(frames, EncodedFrames) else frames.to(self.device)
+        device = self.device
+        return self.loss(normalize_frames(frames), text_ids.to(device), labels.to(device))
 
     def loss(self, frames: torch.Tensor, text_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """CLIP-normalised frames [B, Nf, 3, H, W], token ids [Nt, L], caption labels [Nt] -> (loss, videos)."""
@@ -219,14 +247,9 @@ class PropyStep:
         for param in self.dead:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        videos = self.model.encode_videos(frames)
-        queries = self.model.encode_queries(text_ids)
-        videos, queries, labels = gather_embeddings(videos, queries, labels)
-        logits = self.model.similarity(queries, videos)
-        loss, t2v, v2t = propy_loss(logits, labels)
-        self.last = {"logits": logits, "loss": loss, "t2v_loss": t2v, "v2t_loss": v2t}
-        self.last = {key: value.detach() for key, value in self.last.items()}
-        return loss, videos.shape[0]
+        outputs = self.objective(frames, text_ids, labels)
+        self.last = {key: value.detach() for key, value in outputs.items()}
+        return outputs["loss"], outputs["logits"].shape[1]
 
 
 def history_path(base: BaseConfig) -> Path:
@@ -234,31 +257,13 @@ def history_path(base: BaseConfig) -> Path:
     return base.dataset_metrics / f"{MODEL_NAME}_history.tsv"
 
 
-def run_fingerprint(
-    base: BaseConfig, cfg: TrainPropyConfig, clip_sha256: str, world: WorldInfo, ids: list[str]
-) -> dict[str, Any]:
-    """What must be equal for a checkpoint to be resumed: everything that changes the computation."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_KEYS}
-    settings["model"] = cfg.model.to_dict()
-    settings["global_batch"] = settings.pop("batch_videos") * world.world_size
-    videos = hashlib.sha256("\n".join(ids).encode()).hexdigest()
-    return {"seed": base.seed, "clip_sha256": clip_sha256, "train_videos": videos, "config": json.dumps(settings)}
-
-
 def run_train_propy(base: BaseConfig, cfg: TrainPropyConfig) -> Path:
     """Train ProPy (single process or one rank of torchrun/SLURM) and return the run directory.
 
     Resumes from `last.pt` when it was written with the same configuration; otherwise starts from scratch.
     """
-    world = world_info_from_env()
-    device = resolve_device(cfg.device, world)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    init_distributed(device)
-    try:
+    with distributed_run(cfg.device, cfg.threads) as (world, device):
         return _train(base, cfg, world, device)
-    finally:
-        cleanup_distributed()
 
 
 def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: torch.device) -> Path:
@@ -270,39 +275,45 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
     model.train()
     nf = model.pyramid.num_frames
     cache = FrameCache(base.frames_path)
-    dataset = FrameDataset(cache, corpus.video_ids, nf, train=True, tail_fix=cfg.tail_fix, seed=base.seed)
+    if cfg.decode_on_device and corpus.video_ids and cache.codec(corpus.video_ids[0]) != "jpeg":
+        raise PipelineError(
+            f"train_propy.decode_on_device needs a JPEG frame cache (decode.codec: jpeg); {cache.path} is not"
+        )
+    dataset = FrameDataset(
+        cache, corpus.video_ids, nf, train=True, tail_fix=cfg.tail_fix, seed=base.seed, encoded=cfg.decode_on_device
+    )
+    if not cfg.decode_on_device:  # batches decoded into reused shared-memory slots
+        dataset.share_batches(cfg.batch_videos, slots=2 * cfg.num_workers + 2)
     sampler = GlobalBatchSampler(len(dataset), cfg.batch_videos, world, base.seed)
     collate = CaptionCollate(corpus.captions(), cfg.max_words)
     trainer = build_trainer(model, cfg, len(sampler), device)
     out = propy_dir(base)
-    fingerprint = run_fingerprint(base, cfg, clip_sha256, world, corpus.video_ids)
-    if not _resume(out / "last.pt", fingerprint, model, trainer) and is_main_process():
+    identity = {"seed": base.seed, "clip_sha256": clip_sha256}
+    fingerprint = run_fingerprint(cfg, _RUNTIME_KEYS, "batch_videos", world, corpus.video_ids, **identity)
+    checkpoint = RunCheckpoint(out / "last.pt", fingerprint, "train_propy")
+    resumed = checkpoint.resume(trainer, lambda state: model.load_trainable_state_dict(state["trainable"]))
+    if not resumed and is_main_process():
         (out / "best.pt").unlink(missing_ok=True)  # selected by another run
     if trainer.finished:
-        _log(f"train_propy: {out / 'last.pt'} is a finished run of this configuration; nothing to do")
+        log_main(f"train_propy: {out / 'last.pt'} is a finished run of this configuration; nothing to do")
         if is_main_process():
             _write_history(history_path(base), trainer.progress.history)
         return out
 
     def batches(epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start)
-        loader = _loader(dataset, cfg.num_workers, device.type == "cuda", batch_sampler=sampler, collate_fn=collate)
-        yield from loader
+        loader_options = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "collate_fn": collate}
+        for frames, text_ids, labels in epoch_loader(dataset, sampler, epoch, start, **loader_options):
+            yield dataset.take(frames), text_ids, labels
+            dataset.give_back(frames)  # the step is done with it
 
     def save() -> None:
-        if is_main_process():
-            payload = {
-                "model": MODEL_NAME,
-                "model_config": cfg.model.to_dict(),
-                "clip_sha256": clip_sha256,
-                "trainable": model.trainable_state_dict(),
-                "fingerprint": fingerprint,
-                "rng": capture_rng(),
-                **trainer.state_dict(),
-            }
-            save_checkpoint(out / "last.pt", payload)
-        barrier()
+        checkpoint.save(
+            trainer,
+            model=MODEL_NAME,
+            model_config=cfg.model.to_dict(),
+            clip_sha256=clip_sha256,
+            trainable=model.trainable_state_dict(),
+        )
 
     def end_epoch(record: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"split": cfg.select_split}
@@ -320,7 +331,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
                 _save_model(out / "best.pt", model, cfg.model, clip_sha256, selection)
             _write_history(history_path(base), [*trainer.progress.history, {**record, **extra}])
             score = f", {cfg.select_split} SumR {extra['select_SumR']:.2f}" if select else ""
-            _log(f"epoch {record['epoch']}: loss {record['loss']:.4f}{score}")
+            log_main(f"epoch {record['epoch']}: loss {record['loss']:.4f}{score}")
         barrier()
         return extra
 
@@ -328,7 +339,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
     if is_main_process():
         _write_history(history_path(base), trainer.progress.history)
         state = "finished" if finished else f"stopped at step {trainer.progress.step} (max_steps); run again to resume"
-        _log(f"train_propy: {state}; checkpoints in {out}")
+        log_main(f"train_propy: {state}; checkpoints in {out}")
     return out
 
 
@@ -336,22 +347,6 @@ def _selection_rule(split: str) -> str:
     if split == "last":
         return "last epoch (no selection)"
     return f"best epoch by SumR on the {split} split (ties: the earlier epoch)"
-
-
-def _resume(path: Path, fingerprint: dict[str, Any], model: ProPy, trainer: Trainer) -> bool:
-    """Load `path` into the model and trainer if it was written by this configuration; return whether it was."""
-    if not path.is_file():
-        return False
-    state = load_checkpoint(path)
-    if state.get("fingerprint") != fingerprint:
-        _log(f"train_propy: {path} was written by another configuration; starting from scratch")
-        return False
-    model.load_trainable_state_dict(state["trainable"])
-    trainer.load_state_dict(state)
-    restore_rng(state["rng"])
-    progress = trainer.progress
-    _log(f"train_propy: resuming from {path} (epoch {progress.epoch + 1}, step {progress.step})")
-    return True
 
 
 def _save_model(path: Path, model: ProPy, config: ProPyConfig, clip_sha256: str, selection: dict[str, Any]) -> None:
@@ -379,11 +374,6 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 def _cell(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _log(message: str) -> None:
-    if is_main_process():
-        print(message, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -425,5 +415,5 @@ def run_evaluate_propy(
         metrics["untrained"] = score(untrained, corpus, quick)
     path = Path(metrics_path) if metrics_path else base.dataset_metrics / f"{MODEL_NAME}.json"
     write_metrics(path, metrics)
-    _log(f"evaluate propy: {headline} R1 {metrics['R1']:.2f} SumR {metrics['SumR']:.2f} -> {path}")
+    log_main(f"evaluate propy: {headline} R1 {metrics['R1']:.2f} SumR {metrics['SumR']:.2f} -> {path}")
     return metrics

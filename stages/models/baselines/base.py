@@ -7,7 +7,10 @@ Evaluation interface (the evaluate stage's `RetrievalEncoder` protocol):
 `model.score_fn` is `model.score`, so evaluation uses the model's own similarity (not a max-over-units cosine).
 Training: `model(train_batch, sampling) -> (losses with "total", chosen negatives)`; a model adds its losses to a
 `TrainingStep` in `add_losses`, and the step keeps the family's bookkeeping (weighted terms, reported parts,
-negatives under the keys of the injected ranks).
+negatives under the keys of the injected ranks). Multi-GPU: a model encodes its batch, passes the per-video and
+per-query encodings through `step.gather` (every rank's, in rank order, when training runs under DDP; the same
+tensors in one process) and computes every batch-level term from what it returns, with `step.labels`. Its losses
+then equal one process's on the whole global batch; terms computed before the gather stay per rank.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -23,6 +27,10 @@ from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
 from stages.models.baselines.layers import AttentionBlock, InputProjection, PositionalEncoding, attention_pool
 from stages.models.baselines.losses import NegativeSampling, multi_positive_nce, video_triplet
 from stages.models.baselines.preprocessing import PreprocessConfig
+
+Encodings: TypeAlias = dict[str, torch.Tensor]
+# (this rank's per-video tensors, per-query tensors, query labels) -> the same for the global batch
+BatchGather: TypeAlias = Callable[[Encodings, Encodings, torch.Tensor], tuple[Encodings, Encodings, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ class BaselineModel(nn.Module, abc.ABC):
     def training_loss(
         self, batch: TrainBatch, sampling: NegativeSampling, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total loss, every loss term) of one training batch: what `train_baseline` calls."""
+        """(total loss, every loss term) of one training batch."""
         losses, _ = self(batch, sampling, generator)
         return losses["total"], losses
 
@@ -111,6 +119,7 @@ class BaselineModel(nn.Module, abc.ABC):
         sampling: NegativeSampling,
         generator: torch.Generator | None = None,
         ranks: Mapping[str, torch.Tensor] | None = None,
+        gather: BatchGather | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Training losses of one batch (`"total"` is the sum of the weighted terms) and the chosen negatives.
 
@@ -119,10 +128,11 @@ class BaselineModel(nn.Module, abc.ABC):
             sampling: the negative-sampling setting of this epoch.
             generator: random source of the negative ranks.
             ranks: inject the ranks of the negatives per triplet term instead of drawing them (reference checks).
+            gather: all-gathers the encodings of every rank (`stages.train.distributed.gather_batch` under DDP).
         """
         if batch.queries.labels is None:
             raise ValueError("training batches need query labels")
-        step = TrainingStep(batch, sampling, generator, dict(ranks or {}), self.cfg.margin)
+        step = TrainingStep(batch, sampling, generator, dict(ranks or {}), self.cfg.margin, gather)
         self.add_losses(step)
         return step.result()
 
@@ -141,14 +151,26 @@ class TrainingStep:
     generator: torch.Generator | None
     ranks: dict[str, torch.Tensor]  # injected negative ranks, keyed `<branch>_<term>`
     margin: float  # triplet margin
+    gather_fn: BatchGather | None = None  # all-gathers encodings over ranks (None: one process)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted terms, summed into "total" in order
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # reported parts of terms (not summed again)
     negatives: dict[str, torch.Tensor] = field(default_factory=dict)  # chosen negatives, keyed like `ranks`
+    gathered_labels: torch.Tensor | None = None  # the global batch's labels, once `gather` ran
 
     @property
     def labels(self) -> torch.Tensor:
-        """[B_q] the batch index of each query's video."""
-        return self.batch.queries.labels
+        """[B_q] the batch index of each query's video (in the global batch once `gather` ran)."""
+        return self.batch.queries.labels if self.gathered_labels is None else self.gathered_labels
+
+    def gather(
+        self, videos: Mapping[str, torch.Tensor], queries: Mapping[str, torch.Tensor]
+    ) -> tuple[Encodings, Encodings]:
+        """The global batch's per-video [B, ...] and per-query [N_q, ...] encodings: every rank's, in rank order,
+        with gradients; `labels` then index the global batch's videos. In one process: the same tensors."""
+        if self.gather_fn is None:
+            return dict(videos), dict(queries)
+        videos, queries, self.gathered_labels = self.gather_fn(dict(videos), dict(queries), self.batch.queries.labels)
+        return videos, queries
 
     def branch_ranks(self, branch: str) -> dict[str, torch.Tensor]:
         """The injected ranks of one branch's triplet terms, keyed by term."""

@@ -70,6 +70,21 @@ class TrainBatch(Movable):
     videos: VideoBatch
     queries: QueryBatch
 
+    def padded(self, frames: int, tokens: int) -> TrainBatch:
+        """This batch with frame sequences zero-padded (and masked) to `frames` rows and queries to `tokens` tokens:
+        what the collate gives when the batch also holds longer items."""
+        v, q = self.videos, self.queries
+        videos = replace(v, frame_feats=_pad_rows(v.frame_feats, frames), frame_mask=_pad_rows(v.frame_mask, frames))
+        queries = replace(q, query_feats=_pad_rows(q.query_feats, tokens), query_mask=_pad_rows(q.query_mask, tokens))
+        return TrainBatch(videos, queries)
+
+
+def _pad_rows(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad axis 1 of [N, L, ...] to `length`."""
+    if tensor.shape[1] == length:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, length - tensor.shape[1]))
+
 
 def pad_sequences(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad [L_i, d] arrays to [N, max L_i, d] with a float 0/1 mask [N, max L_i]."""
@@ -169,6 +184,12 @@ class VideoQueryDataset(Dataset):
     def video_ids(self) -> list[str]:
         """Training videos in item order."""
         return self.video_set.video_ids
+
+    def frame_rows(self) -> list[int]:
+        """Rows of each item's frame sequence (what the training collate sorts by), read from the feature shapes."""
+        videos = self.video_set.videos
+        lengths = [videos.shape(v)[0] if hasattr(videos, "shape") else len(videos[v]) for v in self.video_ids]
+        return [min(length, self.cfg.max_ctx_l) for length in lengths]
 
     def __len__(self) -> int:
         return len(self.video_set)

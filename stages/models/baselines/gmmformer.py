@@ -109,12 +109,21 @@ class GMMFormer(BaselineModel):
         frame = unit @ F.normalize(parts.frame_vec, dim=-1).t()
         return {"clip": clip, "frame": frame, "key_clip": key_clip}
 
-    def training_scores(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """The [B_q, B_v] training matrices (cosine and raw dot, clip and frame) and the query vectors."""
+    def training_scores(self, batch: TrainBatch, step: TrainingStep | None = None) -> dict[str, torch.Tensor]:
+        """The [B_q, B_v] training matrices (cosine and raw dot, clip and frame) and the query vectors. With `step`
+        (training) also `qdl_query_vec`, a second query-encoder pass (own dropout mask, as officially), and all of
+        them for the global batch (`step.gather`)."""
         queries = self.encode_queries(batch.queries)
         videos = self.encode_video_parts(batch.videos)
+        extra = {}
+        if step is not None:
+            second_pass = self.encode_queries(batch.queries)
+            encoded, gathered = step.gather(vars(videos), {"queries": queries, "qdl": second_pass})
+            videos, queries = GMMFormerVideos(**encoded), gathered["queries"]
+            extra["qdl_query_vec"] = gathered["qdl"]
         branches = self.score_branches(queries, videos.pack())
         return {
+            **extra,
             "query_vec": queries,
             "clip": branches["clip"],
             "clip_raw": torch.einsum("qd,vtd->qvt", queries, videos.clips).max(dim=-1).values,
@@ -128,8 +137,8 @@ class GMMFormer(BaselineModel):
         `ranks` keys: `clip_t2v`, `clip_v2t`, `frame_t2v`, `frame_v2t`; negatives are returned under the same keys.
         """
         cfg = self.cfg
-        scores = self.training_scores(step.batch)
-        qdl_queries = self.encode_queries(step.batch.queries)  # a second pass (own dropout mask), as officially
+        scores = self.training_scores(step.batch, step)
         for branch, nce_weight in (("clip", cfg.loss_factor[0]), ("frame", cfg.loss_factor[1])):
             step.add_ranking(branch, scores[branch], scores[f"{branch}_raw"], nce_weight)
-        step.losses["qdl"] = cfg.loss_factor[2] * query_diverse_loss(qdl_queries, step.labels, *cfg.neg_factor)
+        qdl = query_diverse_loss(scores["qdl_query_vec"], step.labels, *cfg.neg_factor)
+        step.losses["qdl"] = cfg.loss_factor[2] * qdl

@@ -140,11 +140,15 @@ class MSSL(BaselineModel):
                 parts[name].append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
 
-    def training_scores(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """The training matrices: clip [B_q, B_v] cosine and raw, frame [B_q, B_q] cosine and raw, and more."""
+    def training_scores(self, batch: TrainBatch, step: TrainingStep | None = None) -> dict[str, torch.Tensor]:
+        """The training matrices: clip [B_q, B_v] cosine and raw, frame [B_q, B_q] cosine and raw, and more; of the
+        global batch when `step` gathers the encodings over ranks."""
         queries = self.encode_queries(batch.queries)
         videos = self.encode_video_parts(batch.videos)
         labels = batch.queries.labels
+        if step is not None:
+            encoded, gathered = step.gather(vars(videos), {"queries": queries})
+            videos, queries, labels = MSSLVideos(**encoded), gathered["queries"], step.labels
         clip, key_clips = self.clip_scores(queries, videos)
         clip_raw = torch.einsum("qd,vpd->qvp", queries, videos.proposals).max(dim=-1).values
         own_key_clip = key_clips.gather(1, labels[:, None]).squeeze(1)
@@ -167,7 +171,7 @@ class MSSL(BaselineModel):
         `ranks` keys: `clip_t2v`, `clip_v2t`, `frame_row`, `frame_col`; negatives are returned under the same keys.
         """
         cfg = self.cfg
-        scores = self.training_scores(step.batch)
+        scores = self.training_scores(step.batch, step)
         step.add_ranking("clip", scores["clip"], scores["clip_raw"], cfg.clip_nce_weight, cfg.clip_trip_weight)
         step.losses["frame_nce"] = cfg.frame_nce_weight * diagonal_nce(scores["frame_raw"])
         terms, negatives = diagonal_triplet(

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.models.baselines.base import BaselineConfig, BaselineModel, TrainingStep
-from stages.models.baselines.data import VideoBatch
+from stages.models.baselines.data import QueryBatch, VideoBatch
 from stages.models.baselines.layers import (
     AttentionBlock,
     InputProjection,
@@ -291,16 +291,24 @@ class Prototypes(BaselineModel):
 
         Also `<branch>_trip_{t2v,v2t}` (parts of `<branch>_trip`, not added again). `ranks` keys: `clip_t2v`,
         `clip_v2t`, `frame_t2v`, `frame_v2t`; the negatives are returned under the same keys. `generator` also draws
-        the masked word positions.
+        the masked word positions. The prototypes and the query vectors are encoded per rank; everything after
+        `step.gather` (losses, decoders, the mixtures of the guidance) sees the global batch.
         """
         cfg, losses = self.cfg, step.losses
-        queries, videos, labels = step.batch.queries, step.batch.videos, step.labels
-        query_vecs = self.encode_queries(queries)
+        query_vecs = self.encode_queries(step.batch.queries)
+        encoded = {name: self.branches[name](*self._rows(step.batch.videos, name))[0] for name in BRANCHES}
+        local_videos, local_queries = step.batch.videos, step.batch.queries
+        video_inputs = {key: getattr(local_videos, key) for key in ("clip_feats", "frame_feats", "frame_mask")}
+        query_inputs = {key: getattr(local_queries, key) for key in ("query_feats", "query_mask")}
+        gathered_videos, gathered = step.gather(video_inputs | encoded, query_inputs | {"vecs": query_vecs})
+        videos = VideoBatch([], **{key: gathered_videos[key] for key in video_inputs})
+        queries = QueryBatch([], **{key: gathered[key] for key in query_inputs})
+        query_vecs, labels = gathered["vecs"], step.labels
         masked = sample_shared_mask(queries.query_mask, cfg.mask_ratio, step.generator) if cfg.cross_recon else None
         for name in BRANCHES:
             branch = self.branches[name]
             rows, mask = self._rows(videos, name)
-            prototypes, _ = branch(rows, mask)
+            prototypes = gathered_videos[name]
             cosine = prototype_scores(F.normalize(query_vecs, dim=-1), F.normalize(prototypes, dim=-1))
             step.add_ranking(name, cosine, prototype_scores(query_vecs, prototypes), cfg.nce_weight)
             if masked is not None:
