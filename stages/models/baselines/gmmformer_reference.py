@@ -9,12 +9,12 @@ import torch
 
 from stages.models.baselines.data import VideoBatch
 from stages.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
-from stages.models.baselines.layers import gaussian_mask
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
     capture_outputs,
     check_fixture,
     fixture_model_config,
+    gaussian_mask_errors,
     max_abs_diff,
     max_of,
     train_score_errors,
@@ -48,11 +48,7 @@ def check_gmmformer(prefix: str) -> dict[str, float]:
     ) -> None:
         frame_vec = GMMFormerVideos.unpack(videos).frame_vec
         errors["frame_encoder"] = max(errors["frame_encoder"], max_abs_diff(frame_vec, io["frame_vec"]))
-        masks = []
-        for key in (k for k in io if k.startswith("gauss_")):
-            length, width = key.split("_")[1:]
-            masks.append(max_abs_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
-        errors["gauss_masks"] = max_of(masks)
+        errors["gauss_masks"] = gaussian_mask_errors(io)
         sub = io["sub_videos"]
         sub_batch = VideoBatch(
             [f"v{i}" for i in sub],

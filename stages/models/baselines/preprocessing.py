@@ -29,6 +29,11 @@ class PreprocessConfig:
     normalize: bool = True  # l2-normalise rows (AMDNet-style models turn this off)
     clamp_last_edge: bool = True  # official: clamp bin edges to T - 1, which drops the last frame
 
+    def video_inputs(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """The model inputs of one video's raw frame features [T, d_v], keyed like `data.VideoItem`'s fields:
+        `clip` [M, d_v] and `frames` [L_f, d_v] (a model with other video inputs overrides this, e.g. MSC)."""
+        return {"clip": clip_tensor(frames, self), "frames": frame_sequence(frames, self)}
+
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     """Row-wise `x / (||x||_2 + eps)` in the dtype of `x`."""
