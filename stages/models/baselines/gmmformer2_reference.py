@@ -16,6 +16,7 @@ from stages.models.baselines.reference import (
     check_fixture,
     fixture_batches,
     fixture_model_config,
+    fixture_sub_batch,
     gaussian_mask_errors,
     max_abs_diff,
     max_of,
@@ -111,13 +112,7 @@ def check_gmmformer2(prefix: str) -> dict[str, float]:
             {"tokens": "ca_tokens", "probs": "ca_probs", "logits": "branch_logits", "weights": "branch_weights"},
         )
         errors["gauss_masks"] = gaussian_mask_errors(io)
-        sub = io["sub_videos"]
-        sub_batch = VideoBatch(
-            [f"v{i}" for i in sub],
-            torch.from_numpy(io["pre_clip_feats"][sub]),
-            torch.from_numpy(io["sub_frame_feats"]),
-            torch.from_numpy(io["sub_frame_mask"]),
-        )
+        sub_batch = fixture_sub_batch(io)
         sub_encoded = model.encode_videos(sub_batch)
         sub_parts = GMMFormer2Videos.unpack(sub_encoded, model.cfg.map_size)
         errors["sub_batch"] = max_of(

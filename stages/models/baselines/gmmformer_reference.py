@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.models.baselines.data import VideoBatch
 from stages.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
     capture_outputs,
     check_fixture,
     fixture_model_config,
+    fixture_sub_batch,
     gaussian_mask_errors,
     max_abs_diff,
     max_of,
@@ -49,13 +49,7 @@ def check_gmmformer(prefix: str) -> dict[str, float]:
         frame_vec = GMMFormerVideos.unpack(videos).frame_vec
         errors["frame_encoder"] = max(errors["frame_encoder"], max_abs_diff(frame_vec, io["frame_vec"]))
         errors["gauss_masks"] = gaussian_mask_errors(io)
-        sub = io["sub_videos"]
-        sub_batch = VideoBatch(
-            [f"v{i}" for i in sub],
-            torch.from_numpy(io["pre_clip_feats"][sub]),
-            torch.from_numpy(io["sub_frame_feats"]),
-            torch.from_numpy(io["sub_frame_mask"]),
-        )
+        sub_batch = fixture_sub_batch(io)
         with capture_outputs(model, ["frame_encoder_2"]) as out:
             sub_encoded = model.encode_videos(sub_batch)
         errors["sub_batch"] = max_of(

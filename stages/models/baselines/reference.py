@@ -240,6 +240,17 @@ def fixture_batches(io: dict[str, np.ndarray], n_videos: int, n_queries: int) ->
     return videos, queries
 
 
+def fixture_sub_batch(io: dict[str, np.ndarray]) -> VideoBatch:
+    """The fixture's sub-batch of videos (`sub_videos`, with their own padded frames `sub_frame_*`)."""
+    sub = io["sub_videos"]
+    return VideoBatch(
+        [f"v{i}" for i in sub],
+        torch.from_numpy(io["pre_clip_feats"][sub]),
+        torch.from_numpy(io["sub_frame_feats"]),
+        torch.from_numpy(io["sub_frame_mask"]),
+    )
+
+
 def _encoder_errors(
     model: BaselineModel,
     io: dict[str, np.ndarray],
