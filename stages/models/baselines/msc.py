@@ -57,7 +57,7 @@ def merge_adjacent_pairs(tokens: np.ndarray, sizes: np.ndarray, labels: np.ndarr
     similarity = (first * second).sum(axis=-1)
     merged = np.zeros(count // 2, dtype=bool)
     merged[np.argsort(-similarity, kind="stable")[: count - target]] = True
-    opens_row = np.stack([np.ones_like(merged), ~merged], axis=1).reshape(-1)  # the odd token of a merged pair does not
+    opens_row = np.stack([np.ones_like(merged), ~merged], axis=1).reshape(-1)  # a merged odd token joins its even one
     new_index = np.cumsum(opens_row) - 1
     out = np.empty((target, tokens.shape[1]), dtype=tokens.dtype)
     out[new_index] = tokens
