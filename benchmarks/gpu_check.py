@@ -6,7 +6,7 @@
 
 1. step: ViT-B/32 with random weights (OpenAI layout) under the paper's ProPy (Nf 32, 42 events, Nvp 4, adapters
    384), 24 videos with 4 captions of 32 tokens each, bf16 autocast, one AdamW update through the training loop
-   (`Trainer`, `PropyObjective`): median step time after warm-up, model FLOPs of one step (torch FlopCounterMode),
+   (`Trainer`, `PropyStep`): median step time after warm-up, model FLOPs of one step (torch FlopCounterMode),
    MFU against the GPU's dense bf16 peak, peak memory; for the fast path and the faithful path (the official
    computation), and the ratio.
 2. stall: the same step fed by the training loader from a JPEG q90 frame cache of natural-looking synthetic 224 px
@@ -47,7 +47,7 @@ from stages.models.pyramid import PyramidConfig  # noqa: E402
 from stages.train.distributed import GlobalBatchSampler, WorldInfo, epoch_loader  # noqa: E402
 from stages.train.loop import LoopConfig, Trainer  # noqa: E402
 from stages.train.optim import WarmupCosine, build_adamw  # noqa: E402
-from stages.train.train_propy import CaptionCollate, PropyObjective  # noqa: E402
+from stages.train.train_propy import CaptionCollate, PropyStep  # noqa: E402
 
 # Dense bf16 peak of the GPUs this check is meant for (FLOP/s), by a substring of torch.cuda.get_device_name().
 BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
@@ -74,7 +74,7 @@ def paper_size(tiny: bool) -> dict[str, Any]:
     }
 
 
-def build(size: dict[str, Any], device: torch.device, fast_path: bool) -> tuple[ProPy, Trainer, PropyObjective]:
+def build(size: dict[str, Any], device: torch.device, fast_path: bool) -> tuple[ProPy, Trainer, PropyStep]:
     """A randomly initialised ProPy, its optimiser and loop (the training code's), on `device`."""
     torch.manual_seed(0)
     model = ProPy(size["arch"].build(), size["arch"], replace(size["model"], fast_path=fast_path)).to(device).train()
@@ -83,7 +83,8 @@ def build(size: dict[str, Any], device: torch.device, fast_path: bool) -> tuple[
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_adamw(model.named_parameters(), 8e-4, 0.2)
     loop = LoopConfig(epochs=1, steps_per_epoch=10_000, progress=False)
-    return model, Trainer(parameters, optimizer, WarmupCosine(8e-4, 10_000), device, True, loop), PropyObjective(model)
+    trainer = Trainer(parameters, optimizer, WarmupCosine(8e-4, 10_000), device, True, loop)
+    return model, trainer, PropyStep(model, trainer, device)
 
 
 def synthetic_batch(size: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,9 +108,9 @@ def timed(fn: Callable[..., Any], device: torch.device, *args: Any) -> float:
     return time.perf_counter() - start
 
 
-def train_step(trainer: Trainer, objective: PropyObjective, batch: tuple[torch.Tensor, ...]) -> None:
+def train_step(trainer: Trainer, step: PropyStep, batch: tuple[torch.Tensor, ...]) -> None:
     """One update of the training loop on a batch already on the device."""
-    trainer.step(lambda on_device: objective(*on_device), batch)
+    trainer.step(step, batch)
 
 
 def step_part(size: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -120,14 +121,14 @@ def step_part(size: dict[str, Any], device: torch.device) -> dict[str, Any]:
     peak = next((v for k, v in BF16_PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     result: dict[str, Any] = {"videos": size["videos"], "captions": size["videos"] * size["captions"]}
     for path in ("fast", "faithful"):
-        _, trainer, objective = build(size, device, fast_path=path == "fast")
+        _, trainer, step = build(size, device, fast_path=path == "fast")
         for _ in range(size["warmup"]):
-            train_step(trainer, objective, batch)
+            train_step(trainer, step, batch)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = [timed(train_step, device, trainer, objective, batch) for _ in range(size["steps"])]
+        times = [timed(train_step, device, trainer, step, batch) for _ in range(size["steps"])]
         with FlopCounterMode(display=False) as counter:
-            train_step(trainer, objective, batch)
+            train_step(trainer, step, batch)
         seconds, flops = float(np.median(times)), counter.get_total_flops()
         result[path] = {
             "step_s": seconds,
@@ -137,7 +138,7 @@ def step_part(size: dict[str, Any], device: torch.device) -> dict[str, Any]:
             "mfu": flops / seconds / peak if peak else None,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         }
-        del trainer, objective
+        del trainer, step
     result["faithful_over_fast"] = result["faithful"]["step_s"] / result["fast"]["step_s"]
     result["bf16_peak_flops"] = peak
     return result
@@ -178,9 +179,9 @@ def stall_part(size: dict[str, Any], device: torch.device, workers: int, root: P
     ids = frame_cache.FrameCache(cache).video_ids()
     captions = [[f"caption {k} of video {v}" for k in range(size["captions"])] for v in range(len(ids))]
     collate = CaptionCollate(captions, size["words"])
-    _, trainer, objective = build(size, device, fast_path=True)
+    _, trainer, step = build(size, device, fast_path=True)
     batch = synthetic_batch(size, device)
-    compute = [timed(train_step, device, trainer, objective, batch) for _ in range(size["steps"])]
+    compute = [timed(train_step, device, trainer, step, batch) for _ in range(size["steps"])]
     result["compute_only_step_s"] = float(np.median(compute[1:] if len(compute) > 1 else compute))
     for mode in ("cpu_workers", "on_device"):
         dataset = FrameDataset(cache, ids, nf, train=True, encoded=mode == "on_device")
@@ -193,7 +194,7 @@ def stall_part(size: dict[str, Any], device: torch.device, workers: int, root: P
         for frames, text_ids, labels in epoch_loader(dataset, sampler, 0, 0, **options):
             taken = dataset.take(frames)
             taken = taken.decode(device) if isinstance(taken, EncodedFrames) else taken.to(device)
-            train_step(trainer, objective, (taken, text_ids.to(device), labels.to(device)))
+            train_step(trainer, step, (taken, text_ids.to(device), labels.to(device)))
             dataset.give_back(frames)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from stages.data.errors import PipelineError
 from stages.data.schema import Query
-from stages.models.baselines.preprocessing import PreprocessConfig, clip_tensor, frame_sequence, query_tokens
+from stages.models.baselines.preprocessing import PreprocessConfig, query_tokens
 
 FeatureSource = Mapping[str, np.ndarray]
 
@@ -46,6 +46,8 @@ class VideoBatch(Movable):
     clip_feats: torch.Tensor  # [B, M, d_v]
     frame_feats: torch.Tensor  # [B, L_f, d_v], zero-padded
     frame_mask: torch.Tensor  # [B, L_f] float, 1 = real frame
+    clip_sizes: torch.Tensor | None = None  # [B, M] float: frames merged into each clip (MSC's token merging)
+    frame_labels: torch.Tensor | None = None  # [B, L_f] long: the clip each frame row was merged into (MSC)
 
 
 @dataclass
@@ -116,6 +118,8 @@ class VideoItem:
     video_id: str
     clip: np.ndarray  # [M, d_v]
     frames: np.ndarray  # [L_f, d_v]
+    clip_sizes: np.ndarray | None = None  # [M] (models whose preprocessing merges frames into clips)
+    frame_labels: np.ndarray | None = None  # [L_f]
 
 
 @dataclass
@@ -140,7 +144,7 @@ class VideoDataset(Dataset):
     def __getitem__(self, index: int) -> VideoItem:
         video_id = self.video_ids[index]
         raw = _lookup(self.videos, video_id, "video")
-        return VideoItem(video_id, clip_tensor(raw, self.cfg), frame_sequence(raw, self.cfg))
+        return VideoItem(video_id, **self.cfg.video_inputs(raw))
 
 
 class QueryDataset(Dataset):
@@ -207,7 +211,11 @@ def collate_videos(items: Sequence[VideoItem]) -> VideoBatch:
     """Stack clip tensors and pad frame sequences, keeping the item order."""
     frames, mask = pad_sequences([item.frames for item in items])
     clips = torch.from_numpy(np.stack([item.clip for item in items]).astype(np.float32))
-    return VideoBatch([item.video_id for item in items], clips, frames, mask)
+    merged = {}
+    if items[0].clip_sizes is not None:
+        merged["clip_sizes"] = torch.from_numpy(np.stack([item.clip_sizes for item in items]).astype(np.float32))
+        merged["frame_labels"] = torch.from_numpy(np.stack([item.frame_labels for item in items]).astype(np.int64))
+    return VideoBatch([item.video_id for item in items], clips, frames, mask, **merged)
 
 
 def query_order(items: Sequence[QueryItem]) -> list[int]:

@@ -7,14 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.models.baselines.data import VideoBatch
 from stages.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
-from stages.models.baselines.layers import gaussian_mask
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
     capture_outputs,
     check_fixture,
     fixture_model_config,
+    fixture_sub_batch,
+    gaussian_mask_errors,
     max_abs_diff,
     max_of,
     train_score_errors,
@@ -48,18 +48,8 @@ def check_gmmformer(prefix: str) -> dict[str, float]:
     ) -> None:
         frame_vec = GMMFormerVideos.unpack(videos).frame_vec
         errors["frame_encoder"] = max(errors["frame_encoder"], max_abs_diff(frame_vec, io["frame_vec"]))
-        masks = []
-        for key in (k for k in io if k.startswith("gauss_")):
-            length, width = key.split("_")[1:]
-            masks.append(max_abs_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
-        errors["gauss_masks"] = max_of(masks)
-        sub = io["sub_videos"]
-        sub_batch = VideoBatch(
-            [f"v{i}" for i in sub],
-            torch.from_numpy(io["pre_clip_feats"][sub]),
-            torch.from_numpy(io["sub_frame_feats"]),
-            torch.from_numpy(io["sub_frame_mask"]),
-        )
+        errors["gauss_masks"] = gaussian_mask_errors(io)
+        sub_batch = fixture_sub_batch(io)
         with capture_outputs(model, ["frame_encoder_2"]) as out:
             sub_encoded = model.encode_videos(sub_batch)
         errors["sub_batch"] = max_of(

@@ -1,9 +1,9 @@
-"""Import official MS-SL / GMMFormer checkpoints.
+"""Import official MS-SL / GMMFormer (v1, v2) / MSC checkpoints.
 
 Our modules use the official parameter names, so the key mapping is the identity: an official `state_dict` loads with
 `strict=True` once its container and an optional DataParallel `module.` prefix are removed.
 - MS-SL saves `{"model": state_dict, "model_cfg": EasyDict, "epoch": int}`;
-- GMMFormer saves `{"config": dict, "epoch", "model_val", "state_dict", "optimizer"}`.
+- GMMFormer, GMMFormer v2 and MSC save `{"config": dict, "epoch", "model_val", "state_dict", "optimizer"}`.
 The EasyDict config cannot be read with `weights_only=True`; the loader below unpickles it as a plain dict with a
 restricted unpickler that admits only tensors, containers and that one class.
 """

@@ -7,6 +7,9 @@
   (or any given weights, e.g. AMDNet's span masks) multiplying the scaled logits.
 - `gaussian_window`: the family's max-normalised Gaussian weights (GMMFormer's fixed masks, AMDNet's learned spans).
 - `GMMBlock`: the mean of four attention blocks `attn0..attn3` (plain and Gaussian widths 0.5, 1, 5).
+- `TransformerLayer`: GMMFormer v2's post-LN transformer layer, attention without an output projection, then a ReLU
+  feed-forward (`self.{query,key,value}.*`, `output.layer{1,2}.*`, `norm{1,2}.*`); self-attention (optionally
+  Gaussian) or cross-attention to a context, with an optional additive per-key logit bias.
 - `attention_pool`: the "modular vector" pooling of a sequence into one vector.
 """
 
@@ -68,11 +71,15 @@ def gaussian_mask(length: int, width: float, device: torch.device | None = None)
     """GMMFormer's [L, L] Gaussian logit mask (float32, rows rescaled to max 1), official quirks kept.
 
     Row i is centred at i / L while the column grid is linspace(0, 1, L) = j / (L - 1), so the peak drifts left.
+    Very narrow widths on very short sequences (w = 0.1 for L <= 4) underflow and are refused.
     Cached per (length, width, device); the returned tensor must not be modified in place.
     """
     centres = (torch.arange(length, dtype=torch.float32, device=device) / length)[:, None]
     width_tensor = torch.tensor(width, dtype=torch.float32, device=device)
-    return gaussian_window(torch.linspace(0, 1, length, dtype=torch.float32, device=device), centres, width_tensor)
+    mask = gaussian_window(torch.linspace(0, 1, length, dtype=torch.float32, device=device), centres, width_tensor)
+    if mask.isnan().any():
+        raise ValueError(f"Gaussian width {width} is too narrow for length {length}: a row underflows to 0 in float32")
+    return mask
 
 
 def gaussian_window(
@@ -111,11 +118,23 @@ class _SelfAttention(nn.Module):
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, gauss: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        gauss: torch.Tensor | None,
+        context: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Queries from x [B, L, D], keys and values from `context` [B, L_k, D] (default x); `mask` [B, L_k] is 1 at
+        real keys; the Gaussian [L, L_k] multiplies the scaled logits, then `key_bias` [B, L_k] and the mask add."""
+        context = x if context is None else context
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if gauss is not None:
             logits = logits * gauss
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, :]
         if mask is not None:
             logits = logits + (1 - mask[:, None, None, :]) * ATTENTION_MASK_FILL
         probs = self.dropout(torch.softmax(logits, dim=-1))
@@ -184,6 +203,69 @@ class GMMBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.stack(self.branches(x, mask)).mean(dim=0)
+
+
+class _FeedForward(nn.Module):
+    """Linear -> ReLU -> Dropout -> Linear -> Dropout (the official `output` of a transformer layer)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(dim, hidden)
+        self.layer2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.layer2(self.dropout(F.relu(self.layer1(x)))))
+
+
+class TransformerLayer(nn.Module):
+    """GMMFormer v2's post-LN transformer layer: `h = LN1(x + attn(x))`, `out = LN2(h + FFN(h))`.
+
+    The concatenated heads are added to x as they are (no output projection). Self-attention by default, optionally
+    with a Gaussian width (mask multiplied into the scaled logits, as in `AttentionBlock`); cross-attention when a
+    `context` is given (queries from x, keys and values from the context).
+
+    Args:
+        dim: hidden size D.
+        num_heads: attention heads.
+        dropout: attention-probability, residual and feed-forward dropout.
+        ffn_size: hidden width of the feed-forward (officially 4 D, and D in the cross-attention).
+        gauss_width: Gaussian width of the self-attention (None: plain).
+        eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        dropout: float,
+        ffn_size: int,
+        gauss_width: float | None = None,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.gauss_width = gauss_width
+        self.self = _SelfAttention(dim, num_heads, dropout)
+        self.output = _FeedForward(dim, ffn_size, dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, D], mask [B, L_k] (1 = real key), context [B, L_k, D], key_bias [B, L_k] -> [B, L, D]."""
+        gauss = None
+        if self.gauss_width is not None:
+            if context is not None:
+                raise ValueError("a Gaussian width applies to self-attention only")
+            gauss = gaussian_mask(x.shape[1], self.gauss_width, x.device)
+        hidden = self.norm1(x + self.dropout(self.self(x, mask, gauss, context, key_bias)))
+        return self.norm2(hidden + self.output(hidden))
 
 
 def attention_pool(hidden: torch.Tensor, mask: torch.Tensor, scorer: nn.Linear) -> torch.Tensor:

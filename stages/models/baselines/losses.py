@@ -1,4 +1,5 @@
-"""Training losses of the MS-SL code family: multi-positive and diagonal InfoNCE, triplets, query-diverse loss.
+"""Training losses of the MS-SL code family: multi-positive and diagonal InfoNCE, triplets, query-diverse losses
+(GMMFormer's and GMMFormer v2's focal one) and GMMFormer v2's Hungarian clip-assignment loss.
 
 Notation: `scores` [B_q, B_v] (query rows, video columns), `labels` [B_q] = the batch index of each query's video.
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,64 @@ def diagonal_nce(scores: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(both, dim=1) - scores.diagonal()).mean()
 
 
+def _same_video_pairs(labels: torch.Tensor) -> torch.Tensor:
+    """[B_q, B_q] True where two different queries belong to the same video."""
+    return (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+
+
 def query_diverse_loss(query_vecs: torch.Tensor, labels: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
     """GMMFormer's QDL: `mean_j log(1 + sum_{i != j, y_i = y_j} exp(scale * (cos(q_i, q_j) + margin)))`."""
     unit = F.normalize(query_vecs, dim=-1)
     cosine = unit @ unit.t()
-    same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pushed = (torch.exp(scale * (cosine + margin)) * same).sum(dim=0)
+    pushed = (torch.exp(scale * (cosine + margin)) * _same_video_pairs(labels)).sum(dim=0)
     return torch.log1p(pushed).mean()
+
+
+def focal_query_diverse_loss(
+    query_vecs: torch.Tensor, labels: torch.Tensor, margin: float, scale: float, focal: float
+) -> torch.Tensor:
+    """GMMFormer v2's QDL: `(1/B_q) sum_{i != j, y_i = y_j} (1 + C_ij)^focal softplus(scale (C_ij + margin))`.
+
+    C is the cosine matrix of the query vectors; every ordered pair counts, each with its own softplus; queries alone
+    in their video add nothing but count in 1/B_q.
+    """
+    unit = F.normalize(query_vecs, dim=-1)
+    cosine = unit @ unit.t()
+    terms = (1 + cosine) ** focal * F.softplus(scale * (cosine + margin))
+    return (terms * _same_video_pairs(labels)).sum() / len(labels)
+
+
+def clip_assignment(
+    query_vecs: torch.Tensor, clips: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GMMFormer v2's one-to-one assignment of each video's queries to distinct clips (Hungarian, scipy on the CPU).
+
+    Args:
+        query_vecs: [B_q, D] query vectors.
+        clips: [B_v, M, D] encoded clips.
+        labels: [B_q] batch index of each query's video.
+
+    Returns:
+        (cosine [B_q, M]: cos(q_j, clips[y_j, k]); assigned clip [B_q]: the clip maximising the video's summed cosine
+        under a one-to-one assignment, -1 for queries of a video with a single query or left unassigned).
+    """
+    cosine = torch.einsum("qd,qmd->qm", F.normalize(query_vecs, dim=-1), F.normalize(clips, dim=-1)[labels])
+    assigned = torch.full_like(labels, -1)
+    detached = cosine.detach().cpu().numpy()
+    labels_cpu = labels.cpu()
+    for video in labels_cpu.unique():
+        rows = torch.nonzero(labels_cpu == video).squeeze(1)
+        if len(rows) < 2:
+            continue
+        matched_rows, matched_clips = linear_sum_assignment(-detached[rows.numpy()])
+        assigned[rows[torch.from_numpy(matched_rows)].to(labels.device)] = torch.from_numpy(matched_clips).to(labels)
+    return cosine, assigned
+
+
+def clip_assignment_loss(cosine: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor:
+    """`1 - mean(matched cosines)`, pooled over every matched pair of the batch (0 when nothing is matched)."""
+    used = assigned >= 0
+    if not used.any():
+        return cosine.sum() * 0.0
+    rows = torch.nonzero(used).squeeze(1)
+    return 1 - cosine[rows, assigned[rows]].mean()

@@ -34,6 +34,11 @@ class PreprocessConfig:
     resample_precision: Literal["float64", "float32"] = "float64"  # arithmetic of the bin means (AMDNet: float32)
     sentence_query: bool = False  # a query is its last row (CLIP's EOT token, the sentence vector), not its tokens
 
+    def video_inputs(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """The model inputs of one video's raw frame features [T, d_v], keyed like `data.VideoItem`'s fields:
+        `clip` [M, d_v] and `frames` [L_f, d_v] (a model with other video inputs overrides this, e.g. MSC)."""
+        return {"clip": clip_tensor(frames, self), "frames": frame_sequence(frames, self)}
+
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     """Row-wise `x / (||x||_2 + eps)` in the dtype of `x`."""

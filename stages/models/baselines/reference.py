@@ -14,6 +14,7 @@ Negatives are compared by the score at the chosen index, because tied candidates
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from stages.data.errors import PipelineError
 from stages.data.schema import Query
 from stages.models.baselines.base import BaselineConfig, BaselineModel
 from stages.models.baselines.data import (
+    FeatureSource,
     QueryBatch,
     QueryDataset,
     TrainBatch,
@@ -39,6 +41,7 @@ from stages.models.baselines.data import (
     collate_videos,
 )
 from stages.models.baselines.importer import official_state_dict
+from stages.models.baselines.layers import gaussian_mask
 from stages.models.baselines.losses import NegativeSampling
 from stages.models.baselines.preprocessing import PreprocessConfig, bin_edges, bin_ranges, frame_ranges
 
@@ -59,20 +62,38 @@ def load_fixture(prefix: str) -> Fixture:
     return config, arrays, state
 
 
-def fixture_model_config(cls: type[BaselineConfig], config: dict[str, Any]) -> Any:
-    """Our model config from a fixture's `model_config`, `loss_config` and `inference` sections."""
+def fixture_model_config(
+    cls: type[BaselineConfig],
+    config: dict[str, Any],
+    renames: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    """Our model config from a fixture's `model_config`, `loss_config` and `inference` sections.
+
+    Args:
+        cls: our config dataclass.
+        config: the fixture's config.json.
+        renames: fixture key -> our field name, for keys named differently (the fixture key is then not ours).
+        extra: further field values (e.g. taken from the fixture's `preprocessing` section).
+    """
+    renames = renames or {}
     sections = {**config["model_config"], **config["loss_config"], **config["inference"]}
+    sections = {renames.get(key, key): value for key, value in sections.items() if key not in renames.values()}
     known = {name for name in cls.__dataclass_fields__}
-    values = {key: value for key, value in sections.items() if key in known}
-    for key in ("loss_factor", "neg_factor", "gmm_block_widths"):
-        if key in values:
-            values[key] = tuple(values[key])
-    cfg = cls(**values)
+    values = {key: tuple(v) if isinstance(v, list) else v for key, v in sections.items() if key in known}
+    cfg = cls(**values, **(extra or {}))
     model_config = config["model_config"]
+    dim = cfg.hidden_size
     expected = {
-        "attention_head_size": cfg.hidden_size // cfg.n_heads,
+        "attention_head_size": dim // cfg.n_heads,
         "num_proposals": cfg.map_size * (cfg.map_size + 1) // 2,
         "gmm_blocks_per_branch": 2,
+        "ffn_size": 4 * dim,
+        "cross_attention_ffn_size": dim,
+        "cross_attn_ffn_size": dim,
+        "clip_block_fixed_len": cfg.map_size,
+        "frame_block_fixed_len": cfg.max_ctx_l,
+        "frame_len": cfg.max_ctx_l,
     }
     for key, value in expected.items():
         if key in model_config and model_config[key] != value:
@@ -80,12 +101,9 @@ def fixture_model_config(cls: type[BaselineConfig], config: dict[str, Any]) -> A
     return cfg
 
 
-def fixture_preprocess_config(config: dict[str, Any]) -> PreprocessConfig:
-    """Our preprocessing config from a fixture's `preprocessing` section."""
-    pre = config["preprocessing"]
-    return PreprocessConfig(
-        map_size=pre["map_size"], max_ctx_l=pre["max_ctx_l"], max_desc_l=pre["max_desc_l"], l2_eps=pre["l2_eps"]
-    )
+def fixture_preprocess_config(model: BaselineModel, config: dict[str, Any]) -> PreprocessConfig:
+    """The model's preprocessing with the fixture's l2 eps."""
+    return dataclasses.replace(model.preprocess_config(), l2_eps=config["preprocessing"]["l2_eps"])
 
 
 def max_of(errors: Iterable[float]) -> float:
@@ -124,49 +142,52 @@ def _ragged(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(counts)[:-1])
 
 
-def _raw_features(
-    config: dict[str, Any], io: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The fixture's raw video features and text features by id; a fixture without token counts stores one
-    sentence vector per query, read as a one-row array."""
+def raw_videos(io: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The fixture's raw frame features [T, d_v] of each video, in raw order."""
+    return _ragged(io["raw_video_feats"], io["raw_video_num_frames"])
+
+
+def raw_sources(config: dict[str, Any], io: dict[str, np.ndarray]) -> tuple[FeatureSource, FeatureSource]:
+    """The fixture's raw video and text features by id; a fixture without token counts stores one sentence vector
+    per query, read as a one-row array."""
     data = config["data"]
-    videos = dict(zip(data["video_ids"], _ragged(io["raw_video_feats"], io["raw_video_num_frames"]), strict=True))
+    videos = dict(zip(data["video_ids"], raw_videos(io), strict=True))
     counts = io.get("raw_query_num_tokens", np.ones(len(data["query_ids"]), dtype=np.int64))
     texts = dict(zip(data["query_ids"], _ragged(io["raw_query_feats"], counts), strict=True))
     return videos, texts
 
 
-def preprocessing_errors(
-    config: dict[str, Any], io: dict[str, np.ndarray], cfg: PreprocessConfig | None = None
-) -> dict[str, float]:
-    """Bins, preprocessed inputs and batch orders from the raw features through our datasets and collates.
-
-    `cfg` defaults to the fixture's `preprocessing` section; arrays the fixture does not have are not compared
-    (a fixture of sentence vectors has `pre_query_feats` [N_q, d_t] and no query mask).
-    """
-    cfg = cfg or fixture_preprocess_config(config)
-    data = config["data"]
-    video_ids, query_ids = data["video_ids"], data["query_ids"]
-    videos, texts = _raw_features(config, io)
-
-    bins = [
-        max_abs_diff(
-            np.stack([bin_ranges(bin_edges(len(videos[v]), cfg.map_size)) for v in video_ids]), io["pre_clip_bins"]
-        )
-    ]
+def _bin_errors(videos: FeatureSource, io: dict[str, np.ndarray], cfg: PreprocessConfig) -> float:
+    """The family's clip and frame bins of the fixture videos and of its bin tables (`bins_*`: frame tables use the
+    frame path, the others the clip path's float32 edges)."""
+    lengths = [len(frames) for frames in videos.values()]
+    bins = []
+    if "pre_clip_bins" in io:
+        clip_bins = np.stack([bin_ranges(bin_edges(t, cfg.map_size)) for t in lengths])
+        bins.append(max_abs_diff(clip_bins, io["pre_clip_bins"]))
     if "pre_frame_bins" in io:
-        frame_bins = np.stack([frame_ranges(len(videos[v]), cfg) for v in video_ids])
-        bins.append(max_abs_diff(frame_bins, io["pre_frame_bins"]))
+        bins.append(max_abs_diff(np.stack([frame_ranges(t, cfg) for t in lengths]), io["pre_frame_bins"]))
     for key in (k for k in io if k.startswith("bins_") and not k.endswith("_T")):
         size = int(key.split("_")[-1][1:])
         table = [
-            bin_ranges(bin_edges(int(t), size))
-            if "clip" in key
-            else frame_ranges(int(t), PreprocessConfig(max_ctx_l=size))
+            frame_ranges(int(t), PreprocessConfig(max_ctx_l=size))
+            if "frame" in key
+            else bin_ranges(bin_edges(int(t), size))
             for t in io[f"{key}_T"]
         ]
         bins.append(max_abs_diff(np.stack(table), io[key]))
+    return max_of(bins)
 
+
+def preprocessing_errors(config: dict[str, Any], io: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[str, float]:
+    """Bins, preprocessed inputs and batch orders from the raw features through our datasets and collates.
+
+    Arrays the fixture does not have are not compared (a fixture of sentence vectors has `pre_query_feats`
+    [N_q, d_t] and no query mask).
+    """
+    data = config["data"]
+    video_ids, query_ids = data["video_ids"], data["query_ids"]
+    videos, texts = raw_sources(config, io)
     eval_videos = collate_videos([item for item in VideoDataset(video_ids, videos, cfg)])
     eval_queries = collate_queries(list(QueryDataset(query_ids, texts, cfg)), sort_by_length=True)
     row_of = [query_ids.index(qid) for qid in eval_queries.query_ids]
@@ -179,6 +200,8 @@ def preprocessing_errors(
         "pre_query_feats": query_feats[restore],
         "pre_query_mask": eval_queries.query_mask[restore],
     }
+    if eval_videos.clip_sizes is not None:
+        ours |= {"pre_merge_size": eval_videos.clip_sizes, "pre_merged_frame_label": eval_videos.frame_labels}
     inputs = [max_abs_diff(value, io[key]) for key, value in ours.items() if key in io]
     train = train_batch(config, io, cfg)
     orders = [
@@ -186,13 +209,20 @@ def preprocessing_errors(
         max_abs_diff(np.array([video_ids.index(v) for v in train.videos.video_ids]), io["order_train_videos"]),
         max_abs_diff(np.array([query_ids.index(q) for q in train.queries.query_ids]), io["order_train_queries"]),
     ]
-    return {"preprocess_bins": max_of(bins), "preprocess_inputs": max_of(inputs), "batch_orders": max_of(orders)}
+    if "order_eval_videos" in io:
+        eval_order = np.array([video_ids.index(v) for v in eval_videos.video_ids])
+        orders.append(max_abs_diff(eval_order, io["order_eval_videos"]))
+    return {
+        "preprocess_bins": _bin_errors(videos, io, cfg),
+        "preprocess_inputs": max_of(inputs),
+        "batch_orders": max_of(orders),
+    }
 
 
 def train_batch(config: dict[str, Any], io: dict[str, np.ndarray], cfg: PreprocessConfig) -> Any:
     """The official training batch (all videos, all queries) built by our dataset and collate."""
     data = config["data"]
-    videos, texts = _raw_features(config, io)
+    videos, texts = raw_sources(config, io)
     queries = [
         Query(qid, "fixture", data["video_ids"][vi], 1.0, (), "train")
         for qid, vi in zip(data["query_ids"], data["query_video"], strict=True)
@@ -205,13 +235,27 @@ def fixture_batches(io: dict[str, np.ndarray], n_videos: int, n_queries: int) ->
     def t(key: str) -> torch.Tensor:
         return torch.from_numpy(io[key])
 
+    merged = {}
+    if "pre_merge_size" in io:
+        merged = {"clip_sizes": t("pre_merge_size"), "frame_labels": t("pre_merged_frame_label")}
     videos = VideoBatch(
-        [f"v{i}" for i in range(n_videos)], t("pre_clip_feats"), t("pre_frame_feats"), t("pre_frame_mask")
+        [f"v{i}" for i in range(n_videos)], t("pre_clip_feats"), t("pre_frame_feats"), t("pre_frame_mask"), **merged
     )
     queries = QueryBatch(
         [f"q{i}" for i in range(n_queries)], t("pre_query_feats"), t("pre_query_mask"), t("query_video")
     )
     return videos, queries
+
+
+def fixture_sub_batch(io: dict[str, np.ndarray]) -> VideoBatch:
+    """The fixture's sub-batch of videos (`sub_videos`, with their own padded frames `sub_frame_*`)."""
+    sub = io["sub_videos"]
+    return VideoBatch(
+        [f"v{i}" for i in sub],
+        torch.from_numpy(io["pre_clip_feats"][sub]),
+        torch.from_numpy(io["sub_frame_feats"]),
+        torch.from_numpy(io["sub_frame_mask"]),
+    )
 
 
 def _encoder_errors(
@@ -243,7 +287,7 @@ def _loss_errors(
     the deterministic `hardest` mode, where our own sampler chooses.
     """
     data = config["data"]
-    batch = train_batch(config, io, fixture_preprocess_config(config))
+    batch = train_batch(config, io, fixture_preprocess_config(model, config))
     video_order = np.array([data["video_ids"].index(v) for v in batch.videos.video_ids])
     query_order = np.array([data["query_ids"].index(q) for q in batch.queries.query_ids])
     errors: dict[str, float] = {}
@@ -282,7 +326,7 @@ def check_fixture(
     model = build(config)
     model.load_state_dict(state, strict=True)
     model.eval()
-    errors = preprocessing_errors(config, io)
+    errors = preprocessing_errors(config, io, fixture_preprocess_config(model, config))
     videos, queries = fixture_batches(io, len(config["data"]["video_ids"]), len(config["data"]["query_ids"]))
     with torch.no_grad():
         encoder_errors, query_vecs, encoded = _encoder_errors(model, io, encoder_groups, videos, queries)
@@ -297,6 +341,15 @@ def check_fixture(
         extra(model, io, query_vecs, encoded, errors)
         errors |= _loss_errors(model, config, io, negative_keys)
     return errors
+
+
+def gaussian_mask_errors(io: dict[str, np.ndarray]) -> float:
+    """Our Gaussian masks against every `gauss_L{L}_w{w}` array of the fixture (`0p5` stands for 0.5)."""
+    errors = []
+    for key in (k for k in io if k.startswith("gauss_")):
+        length, width = key.split("_")[1:]
+        errors.append(max_abs_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
+    return max_of(errors)
 
 
 def train_score_errors(model: BaselineModel, io: dict[str, np.ndarray], names: dict[str, str]) -> float:

@@ -1,0 +1,146 @@
+"""GMMFormer v2 against the official-code fixture (`python pipeline.py verify-reference gmmformer2 PREFIX`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
+from stages.models.baselines.gmmformer2 import GMMFormer2, GMMFormer2Config, GMMFormer2Videos
+from stages.models.baselines.losses import clip_assignment, clip_assignment_loss, focal_query_diverse_loss
+from stages.models.baselines.reference import (
+    QUERY_ENCODER_STAGES,
+    capture_outputs,
+    check_fixture,
+    fixture_batches,
+    fixture_model_config,
+    fixture_sub_batch,
+    gaussian_mask_errors,
+    max_abs_diff,
+    max_of,
+)
+from stages.models.reference import register_reference_check
+
+DYGMM_BLOCKS = {"clip": "clip_encoder", "frame": "frame_encoder_1"}
+TRIPLET_NEGATIVES = {
+    "clip_t2v": "train_clip_scores",
+    "clip_v2t": "train_clip_scores",
+    "frame_t2v": "train_frame_scores",
+    "frame_v2t": "train_frame_scores",
+}
+
+
+def video_encoder_groups(frame_branches: range | tuple[int, ...] = range(8)) -> dict[str, list[tuple[str, str]]]:
+    """The clip and frame pathways' modules and fixture arrays (`frame_branches`: the frame branches kept)."""
+    return {
+        "clip_encoder": [
+            ("clip_input_proj", "enc_clip_proj"),
+            ("clip_pos_embed", "enc_clip_posemb"),
+            ("clip_encoder", "enc_clip"),
+        ]
+        + [(f"clip_encoder.attn{k}", f"gmm_clip_attn{k}") for k in range(8)],
+        "frame_encoder": [
+            ("frame_input_proj", "enc_frame_proj"),
+            ("frame_pos_embed", "enc_frame_posemb"),
+            ("frame_encoder_1", "enc_frame"),
+        ]
+        + [(f"frame_encoder_1.attn{k}", f"gmm_frame_attn{k}") for k in frame_branches],
+    }
+
+
+def dygmm_errors(model: GMMFormer2, videos: VideoBatch, io: dict[str, np.ndarray], names: dict[str, str]) -> float:
+    """Both DyGMM blocks' cross-attention tokens and weights, branch logits and branch weights.
+
+    `names` maps `tokens`, `probs`, `logits`, `weights` to the fixture's array suffix (`gmm_<branch>_<suffix>`);
+    arrays the fixture lacks are skipped.
+    """
+    modules = [f"{block}.{part}" for block in DYGMM_BLOCKS.values() for part in ("ca", "ca.self.dropout", "layer2")]
+    with capture_outputs(model, modules) as out:
+        model.encode_videos(videos)
+    batch, heads = len(videos.video_ids), model.cfg.n_heads
+    errors = []
+    for branch, block in DYGMM_BLOCKS.items():
+        logits = out[f"{block}.layer2"]
+        ours = {
+            "tokens": out[f"{block}.ca"].reshape(batch, -1, model.cfg.hidden_size),
+            "probs": out[f"{block}.ca.self.dropout"].reshape(batch, -1, heads, logits.shape[-1]),
+            "logits": logits,
+            "weights": model.get_submodule(block).branch_weights(logits),
+        }
+        for part, suffix in names.items():
+            if f"gmm_{branch}_{suffix}" in io:
+                errors.append(max_abs_diff(ours[part], io[f"gmm_{branch}_{suffix}"]))
+    return max_of(errors)
+
+
+def fixture_training_scores(model: GMMFormer2, io: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], QueryBatch]:
+    """The model's training matrices on the fixture's preprocessed inputs (raw order), and the query batch."""
+    videos, queries = fixture_batches(io, io["pre_clip_feats"].shape[0], io["pre_query_feats"].shape[0])
+    return model.training_scores(TrainBatch(videos, queries)), queries
+
+
+def score_errors(scores: dict[str, torch.Tensor], io: dict[str, np.ndarray]) -> float:
+    """The four training matrices against the fixture's `train_*_scores[_raw]`."""
+    names = {f"{branch}{raw}": f"train_{branch}_scores{raw}" for branch in ("clip", "frame") for raw in ("", "_raw")}
+    return max_of(max_abs_diff(scores[ours], io[ref]) for ours, ref in names.items())
+
+
+@register_reference_check("gmmformer2")
+def check_gmmformer2(prefix: str) -> dict[str, float]:
+    """GMMFormer v2 against `PREFIX_*`: preprocessing, DyGMM blocks and masks, frame padding, scores, OT and QDL,
+    losses and negatives."""
+    encoder_groups = {
+        "query_encoder": QUERY_ENCODER_STAGES + [("query_encoder.norm1", "enc_query_attn")],
+        **video_encoder_groups(),
+    }
+
+    def extra(
+        model: GMMFormer2, io: dict[str, np.ndarray], q: torch.Tensor, videos: Any, errors: dict[str, float]
+    ) -> None:
+        batch, _ = fixture_batches(io, io["pre_clip_feats"].shape[0], io["pre_query_feats"].shape[0])
+        frames = GMMFormer2Videos.unpack(videos, model.cfg.map_size).frames
+        errors["frame_encoder"] = max(errors["frame_encoder"], max_abs_diff(frames, io["enc_frame"]))
+        errors["frame_padding"] = max_abs_diff(
+            model.pad_frames(batch.frame_feats, batch.frame_mask)[1], io["model_frame_mask"]
+        )
+        errors["dygmm_mixing"] = dygmm_errors(
+            model,
+            batch,
+            io,
+            {"tokens": "ca_tokens", "probs": "ca_probs", "logits": "branch_logits", "weights": "branch_weights"},
+        )
+        errors["gauss_masks"] = gaussian_mask_errors(io)
+        sub_batch = fixture_sub_batch(io)
+        sub_encoded = model.encode_videos(sub_batch)
+        sub_parts = GMMFormer2Videos.unpack(sub_encoded, model.cfg.map_size)
+        errors["sub_batch"] = max_of(
+            [
+                max_abs_diff(sub_parts.frames, io["sub_enc_frame"]),
+                max_abs_diff(sub_parts.clips, io["sub_enc_clip"]),
+                max_abs_diff(model.score_branches(q, sub_encoded)["frame"], io["sub_infer_frame_scores"]),
+            ]
+        )
+        scores, queries = fixture_training_scores(model, io)
+        second = model.encode_queries(queries)
+        errors["train_scores"] = max(score_errors(scores, io), max_abs_diff(second, io["train_query_vec"]))
+        cosine, assigned = clip_assignment(second, scores["clips"], queries.labels)
+        errors["ot_assignment"] = max_of(
+            [
+                max_abs_diff(cosine, io["ot_cos"], io["ot_query_used"]),
+                max_abs_diff(assigned, io["ot_assign"]),
+                max_abs_diff(clip_assignment_loss(cosine, assigned), io["ot_loss_unweighted"]),
+            ]
+        )
+        qdl = focal_query_diverse_loss(second, queries.labels, *model.cfg.neg_factor)
+        errors["qdl_unweighted"] = max_abs_diff(qdl, io["qdl_unweighted"])
+
+    renames = {"dygmm_branch_widths": "dygmm_widths"}
+    return check_fixture(
+        prefix,
+        lambda c: GMMFormer2(fixture_model_config(GMMFormer2Config, c, renames)),
+        encoder_groups,
+        extra,
+        TRIPLET_NEGATIVES,
+    )
