@@ -53,10 +53,11 @@ class BaselineModel(nn.Module, abc.ABC):
 
     cfg: BaselineConfig
 
-    def _add_input_modules(self, video_inputs: bool = True) -> None:
+    def _add_input_modules(self, video_inputs: bool = True, query_encoder: nn.Module | None = None) -> None:
         """The modules every model of the family creates first, in the official order (state-dict keys and the
         initialisation follow it): `query_pos_embed`, [`clip_pos_embed`, `frame_pos_embed`], `query_input_proj`,
-        `query_encoder`, [`clip_input_proj`]; the bracketed ones when `video_inputs`."""
+        `query_encoder` (default: one attention block), [`clip_input_proj`]; the bracketed ones when
+        `video_inputs`."""
         cfg = self.cfg
         dim, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.query_pos_embed = PositionalEncoding(cfg.max_desc_l, dim, cfg.drop, eps)
@@ -64,7 +65,9 @@ class BaselineModel(nn.Module, abc.ABC):
             self.clip_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
             self.frame_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
         self.query_input_proj = InputProjection(cfg.query_input_size, dim, cfg.input_drop, eps)
-        self.query_encoder = AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps)
+        self.query_encoder = (
+            AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps) if query_encoder is None else query_encoder
+        )
         if video_inputs:
             self.clip_input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
 

@@ -137,3 +137,17 @@ def query_diverse_loss(query_vecs: torch.Tensor, labels: torch.Tensor, margin: f
     same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pushed = (torch.exp(scale * (cosine + margin)) * same).sum(dim=0)
     return torch.log1p(pushed).mean()
+
+
+def query_diverse_loss_v2(
+    query_vecs: torch.Tensor, labels: torch.Tensor, margin: float, scale: float, focal: float
+) -> torch.Tensor:
+    """GMMFormer v2's QDL: `(1/B_q) sum_{i != j, y_i = y_j} (1 + C_ij)^focal log(1 + exp(scale (C_ij + margin)))`.
+
+    C is the cosine matrix of the query vectors; every ordered pair counts (one softplus per pair).
+    """
+    unit = F.normalize(query_vecs, dim=-1)
+    cosine = unit @ unit.t()
+    same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pairs = (1 + cosine).pow(focal) * torch.log(1 + torch.exp(scale * (cosine + margin)))
+    return (pairs * same).sum() / len(labels)

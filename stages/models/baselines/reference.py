@@ -59,8 +59,14 @@ def load_fixture(prefix: str) -> Fixture:
     return config, arrays, state
 
 
-def fixture_model_config(cls: type[BaselineConfig], config: dict[str, Any]) -> Any:
-    """Our model config from a fixture's `model_config`, `loss_config` and `inference` sections."""
+def fixture_model_config(
+    cls: type[BaselineConfig], config: dict[str, Any], derived: Callable[[Any], dict[str, Any]] | None = None
+) -> Any:
+    """Our model config from a fixture's `model_config`, `loss_config` and `inference` sections.
+
+    `model_config` entries that our config derives (the head size, the proposal count, and those `derived(cfg)`
+    returns) must agree with it.
+    """
     sections = {**config["model_config"], **config["loss_config"], **config["inference"]}
     known = {name for name in cls.__dataclass_fields__}
     values = {key: value for key, value in sections.items() if key in known}
@@ -73,6 +79,7 @@ def fixture_model_config(cls: type[BaselineConfig], config: dict[str, Any]) -> A
         "attention_head_size": cfg.hidden_size // cfg.n_heads,
         "num_proposals": cfg.map_size * (cfg.map_size + 1) // 2,
         "gmm_blocks_per_branch": 2,
+        **(derived(cfg) if derived else {}),
     }
     for key, value in expected.items():
         if key in model_config and model_config[key] != value:
@@ -103,14 +110,15 @@ def max_abs_diff(ours: torch.Tensor | np.ndarray, ref: np.ndarray, mask: np.ndar
 
 
 @contextmanager
-def capture_outputs(model: nn.Module, names: Iterable[str]) -> Any:
-    """Record the output of the named submodules (the last call of each) while the context is open."""
+def capture_outputs(model: nn.Module, names: Iterable[str], inputs: bool = False) -> Any:
+    """Record the output (with `inputs`: the first positional input) of the named submodules (the last call of
+    each) while the context is open."""
     outputs: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
 
-        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor, name: str = name) -> None:
-            outputs[name] = output
+        def hook(_module: nn.Module, args: Any, output: torch.Tensor, name: str = name) -> None:
+            outputs[name] = args[0] if inputs else output
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     try:
