@@ -9,12 +9,14 @@ import torch
 
 from stages.models.baselines.data import VideoBatch
 from stages.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
-from stages.models.baselines.layers import gaussian_mask
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
+    VIDEO_BRANCH_NEGATIVES,
+    VIDEO_BRANCH_TRAIN_SCORES,
     capture_outputs,
     check_fixture,
     fixture_model_config,
+    gauss_mask_errors,
     max_abs_diff,
     max_of,
     train_score_errors,
@@ -48,11 +50,7 @@ def check_gmmformer(prefix: str) -> dict[str, float]:
     ) -> None:
         frame_vec = GMMFormerVideos.unpack(videos).frame_vec
         errors["frame_encoder"] = max(errors["frame_encoder"], max_abs_diff(frame_vec, io["frame_vec"]))
-        masks = []
-        for key in (k for k in io if k.startswith("gauss_")):
-            length, width = key.split("_")[1:]
-            masks.append(max_abs_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
-        errors["gauss_masks"] = max_of(masks)
+        errors["gauss_masks"] = gauss_mask_errors(io)
         sub = io["sub_videos"]
         sub_batch = VideoBatch(
             [f"v{i}" for i in sub],
@@ -69,24 +67,12 @@ def check_gmmformer(prefix: str) -> dict[str, float]:
                 max_abs_diff(model.score_branches(q, sub_encoded)["frame"], io["sub_infer_frame_scores"]),
             ]
         )
-        errors["train_scores"] = train_score_errors(
-            model,
-            io,
-            {
-                "clip": "train_clip_scores",
-                "clip_raw": "train_clip_scores_raw",
-                "frame": "train_frame_scores",
-                "frame_raw": "train_frame_scores_raw",
-                "query_vec": "train_query_vec",
-            },
-        )
+        errors["train_scores"] = train_score_errors(model, io, VIDEO_BRANCH_TRAIN_SCORES)
 
-    negative_keys = {
-        "clip_t2v": "train_clip_scores",
-        "clip_v2t": "train_clip_scores",
-        "frame_t2v": "train_frame_scores",
-        "frame_v2t": "train_frame_scores",
-    }
     return check_fixture(
-        prefix, lambda c: GMMFormer(fixture_model_config(GMMFormerConfig, c)), encoder_groups, extra, negative_keys
+        prefix,
+        lambda c: GMMFormer(fixture_model_config(GMMFormerConfig, c)),
+        encoder_groups,
+        extra,
+        VIDEO_BRANCH_NEGATIVES,
     )

@@ -17,16 +17,18 @@ import torch.nn.functional as F
 
 from stages.models.baselines.data import TrainBatch
 from stages.models.baselines.hlformer import HLFormer, HLFormerBlock, HLFormerConfig, HLFormerVideos
-from stages.models.baselines.layers import gaussian_mask
 from stages.models.baselines.lorentz import entailment_loss
 from stages.models.baselines.losses import NegativeSampling, query_diverse_loss_v2
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
+    VIDEO_BRANCH_NEGATIVES,
+    VIDEO_BRANCH_TRAIN_SCORES,
     capture_outputs,
     check_fixture,
     fixture_batches,
     fixture_model_config,
     fixture_preprocess_config,
+    gauss_mask_errors,
     max_abs_diff,
     max_of,
     train_batch,
@@ -190,35 +192,15 @@ def check_hlformer(prefix: str) -> dict[str, float]:
         errors["frame_encoder"] = max(
             max_abs_diff(out["frame_pos_embed"], io["enc_frame_posemb"]), max_abs_diff(frames, io["enc_frame"])
         )
-        masks = []
-        for key in (k for k in io if k.startswith("gauss_")):
-            length, width = key.split("_")[1:]
-            masks.append(max_abs_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
-        errors["gauss_masks"] = max_of(masks)
+        errors["gauss_masks"] = gauss_mask_errors(io)
         branches = model.score_branches(q, videos)
         errors["inference_scores"] = max(
             errors["inference_scores"],
             max_abs_diff(branches["key_frame"], io["infer_key_frame"]),
             max_abs_diff(_pad_probe_frame_scores(model, io, videos), io["probe_pad_frame_scores"]),
         )
-        errors["train_scores"] = train_score_errors(
-            model,
-            io,
-            {
-                "clip": "train_clip_scores",
-                "clip_raw": "train_clip_scores_raw",
-                "frame": "train_frame_scores",
-                "frame_raw": "train_frame_scores_raw",
-                "query_vec": "train_query_vec",
-            },
-        )
+        errors["train_scores"] = train_score_errors(model, io, VIDEO_BRANCH_TRAIN_SCORES)
         errors |= _hyperbolic_errors(model, io)
         errors["loss_fixed_terms"] = _fixed_loss_errors(model, fixture_config, io)
 
-    negative_keys = {
-        "clip_t2v": "train_clip_scores",
-        "clip_v2t": "train_clip_scores",
-        "frame_t2v": "train_frame_scores",
-        "frame_v2t": "train_frame_scores",
-    }
-    return check_fixture(prefix, build, encoder_groups, extra, negative_keys)
+    return check_fixture(prefix, build, encoder_groups, extra, VIDEO_BRANCH_NEGATIVES)

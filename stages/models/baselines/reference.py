@@ -39,6 +39,7 @@ from stages.models.baselines.data import (
     collate_videos,
 )
 from stages.models.baselines.importer import official_state_dict
+from stages.models.baselines.layers import gaussian_mask
 from stages.models.baselines.losses import NegativeSampling
 from stages.models.baselines.preprocessing import PreprocessConfig, bin_edges, bin_ranges, frame_ranges
 
@@ -300,3 +301,29 @@ QUERY_ENCODER_STAGES = [
     ("query_pos_embed", "enc_query_posemb"),
     ("query_encoder", "enc_query_tokens"),
 ]
+
+
+# Models whose frame branch is scored like the clip branch, on the [N_q, N_v] matrix (GMMFormer and its descendants):
+# our training matrices and the fixture arrays they must match, and the triplets' negatives with their score matrix.
+VIDEO_BRANCH_TRAIN_SCORES = {
+    "clip": "train_clip_scores",
+    "clip_raw": "train_clip_scores_raw",
+    "frame": "train_frame_scores",
+    "frame_raw": "train_frame_scores_raw",
+    "query_vec": "train_query_vec",
+}
+VIDEO_BRANCH_NEGATIVES = {
+    "clip_t2v": "train_clip_scores",
+    "clip_v2t": "train_clip_scores",
+    "frame_t2v": "train_frame_scores",
+    "frame_v2t": "train_frame_scores",
+}
+
+
+def gauss_mask_errors(io: dict[str, np.ndarray]) -> float:
+    """Our Gaussian masks against every `gauss_L{L}_w{w}` array of a fixture (`w0p5` is w = 0.5)."""
+    errors = []
+    for key in (k for k in io if k.startswith("gauss_")):
+        length, width = key.split("_")[1:]
+        errors.append(max_abs_diff(gaussian_mask(int(length[1:]), float(width[1:].replace("p", "."))), io[key]))
+    return max_of(errors)
