@@ -252,6 +252,12 @@ def _baseline_worker(rank: int, port: int, out: str) -> None:
             torch.save({"loss": loss.detach(), "grads": grads}, Path(out) / f"{name}{rank}.pt")
 
 
+def test_every_trained_baseline_is_in_the_two_rank_test() -> None:
+    from stages.models import available_models, model_spec
+
+    assert {name for name in available_models("features") if model_spec(name).trainable} == set(BASELINE_CONFIGS)
+
+
 def test_two_gloo_ranks_train_baselines_like_one_process(tmp_path: Path) -> None:
     """Every baseline's batch-level terms (MS-SL's and GMMFormer's, Prototypes' decoders and guidance, GMMFormer v2's
     QDL and clip assignment, MSC's video-level alignment and RKD, AMDNet's span and moment terms, HLFormer's
