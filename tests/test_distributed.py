@@ -171,20 +171,34 @@ def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path: Path) ->
 # ---- the baselines: DDP and gathered encodings give one process's loss and gradients -----------------------------
 
 BASELINE_DIMS = {"visual_input_size": 6, "query_input_size": 5, "hidden_size": 8, "n_heads": 2, "max_ctx_l": 10}
+NO_DROPOUT = {"input_drop": 0.0, "drop": 0.0}
+DYGMM = {"max_desc_l": 6, "map_size": 4, "dygmm_widths": (None, 0.5, 5.0), **NO_DROPOUT}  # w 0.1 needs M > 4
 BASELINE_CONFIGS = {
-    "msl": {"max_desc_l": 6, "map_size": 4, "input_drop": 0.0, "drop": 0.0},
-    "gmmformer": {"max_desc_l": 6, "map_size": 4, "input_drop": 0.0, "drop": 0.0},
-    "prototypes": {"max_desc_l": 6, "map_size": 4, "input_drop": 0.0, "drop": 0.0, "num_prototypes": 3},
+    "msl": {"max_desc_l": 6, "map_size": 4, **NO_DROPOUT},
+    "gmmformer": {"max_desc_l": 6, "map_size": 4, **NO_DROPOUT},
+    "prototypes": {"max_desc_l": 6, "map_size": 4, "num_prototypes": 3, **NO_DROPOUT},
+    "gmmformer2": DYGMM,  # batch-wide QDL and Hungarian clip assignment
+    "msc": {**DYGMM, "merge_targets": (6, 4), "adaptive_ranks": ((0.5, 2), (0.3, 3)), "sim_thr": 0.3},  # + RKD
+    "amdnet": {"map_size": 4, "event_size": 2, **NO_DROPOUT},  # span diversity and moment relevance per item
+    "hlformer": {"max_desc_l": 6, "map_size": 4, "lorentz_dim": 7, "attention_num": 4, **NO_DROPOUT},  # entailment
 }
 FRAMES = [9, 4, 14, 6, 3, 11]  # rows 9, 4, 10 (resampled), 6, 3, 10: the ranks pad to different lengths
 QUERIES = [1, 3, 2, 1, 2, 3]
 
 
-def baseline_items() -> list:
-    """The global batch's training items, sorted as `GlobalBatchSampler(sort_key=frame_rows)` leaves them."""
+def baseline_model(name: str) -> torch.nn.Module:
+    """A freshly seeded float64 model of the test's dimensions."""
+    from stages.models import build_model, model_spec
+
+    torch.manual_seed(0)
+    return build_model(name, cfg=model_spec(name).config(**BASELINE_DIMS, **BASELINE_CONFIGS[name])).double()
+
+
+def baseline_items(name: str) -> list:
+    """The global batch's training items, preprocessed for the model and sorted as
+    `GlobalBatchSampler(sort_key=frame_rows)` leaves them."""
     from stages.data.schema import Query
     from stages.models.baselines.data import VideoQueryDataset
-    from stages.models.baselines.preprocessing import PreprocessConfig
 
     rng = torch.Generator().manual_seed(4)
     videos, texts, queries = {}, {}, []
@@ -193,35 +207,34 @@ def baseline_items() -> list:
         for k in range(count):
             texts[f"v{v}#{k}"] = torch.randn(2 + (v + k) % 4, 5, generator=rng).numpy()
             queries.append(Query(f"v{v}#{k}", "q", f"v{v}", 10.0, (), "train"))
-    dataset = VideoQueryDataset(queries, videos, texts, PreprocessConfig(map_size=4, max_ctx_l=10, max_desc_l=6))
+    dataset = VideoQueryDataset(queries, videos, texts, baseline_model(name).preprocess_config())
     rows = dataset.frame_rows()
     return [dataset[i] for i in sorted(range(len(dataset)), key=lambda i: -rows[i])]
 
 
-def baseline_loss(name: str, items: list, gather=None, device: torch.device | None = None) -> tuple:  # noqa: ANN001
-    """The total training loss of `items` (float64) from a freshly seeded model, the model and its DDP wrapper."""
+def _as_float64(batch):  # noqa: ANN001, ANN202 - any batch dataclass
+    """The batch with every floating-point tensor in float64."""
     import dataclasses
 
-    from stages.models import build_model, model_spec
-    from stages.models.baselines.data import collate_train
+    return dataclasses.replace(
+        batch,
+        **{
+            item.name: value.double()
+            for item in dataclasses.fields(batch)
+            if isinstance(value := getattr(batch, item.name), torch.Tensor) and value.is_floating_point()
+        },
+    )
+
+
+def baseline_loss(name: str, items: list, gather=None, device: torch.device | None = None) -> tuple:  # noqa: ANN001
+    """The total training loss of `items` (float64) from a freshly seeded model, the model and its DDP wrapper."""
+    from stages.models.baselines.data import TrainBatch, collate_train
     from stages.models.baselines.losses import NegativeSampling
     from stages.train.baseline_training import _padded_as_one_process
 
-    torch.manual_seed(0)
-    model = build_model(name, cfg=model_spec(name).config(**BASELINE_DIMS, **BASELINE_CONFIGS[name])).double()
+    model = baseline_model(name)
     batch = _padded_as_one_process(collate_train(items), device or torch.device("cpu"))
-    batch = dataclasses.replace(
-        batch,
-        videos=dataclasses.replace(
-            batch.videos,
-            clip_feats=batch.videos.clip_feats.double(),
-            frame_feats=batch.videos.frame_feats.double(),
-            frame_mask=batch.videos.frame_mask.double(),
-        ),
-        queries=dataclasses.replace(
-            batch.queries, query_feats=batch.queries.query_feats.double(), query_mask=batch.queries.query_mask.double()
-        ),
-    )
+    batch = TrainBatch(_as_float64(batch.videos), _as_float64(batch.queries))
     module = wrap_ddp(model, device or torch.device("cpu"))
     generator = torch.Generator().manual_seed(5)
     losses, _ = module(batch, NegativeSampling(hard=True, pool_size=2), generator, gather=gather)
@@ -231,19 +244,27 @@ def baseline_loss(name: str, items: list, gather=None, device: torch.device | No
 def _baseline_worker(rank: int, port: int, out: str) -> None:
     _join(rank, port)
     with distributed_run("cpu") as (_, device):
-        items = baseline_items()
-        mine = items[rank * 3 : (rank + 1) * 3]
         for name in BASELINE_CONFIGS:
+            mine = baseline_items(name)[rank * 3 : (rank + 1) * 3]
             loss, model, _ddp = baseline_loss(name, mine, gather_batch, device)
             loss.backward()
             grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
             torch.save({"loss": loss.detach(), "grads": grads}, Path(out) / f"{name}{rank}.pt")
 
 
+def test_every_trained_baseline_is_in_the_two_rank_test() -> None:
+    from stages.models import available_models, model_spec
+
+    assert {name for name in available_models("features") if model_spec(name).trainable} == set(BASELINE_CONFIGS)
+
+
 def test_two_gloo_ranks_train_baselines_like_one_process(tmp_path: Path) -> None:
+    """Every baseline's batch-level terms (MS-SL's and GMMFormer's, Prototypes' decoders and guidance, GMMFormer v2's
+    QDL and clip assignment, MSC's video-level alignment and RKD, AMDNet's span and moment terms, HLFormer's
+    entailment) see the global batch: 2 ranks of 3 videos give one process's loss and gradients on all 6."""
     mp.spawn(_baseline_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     for name in BASELINE_CONFIGS:
-        loss, model, _ = baseline_loss(name, baseline_items())
+        loss, model, _ = baseline_loss(name, baseline_items(name))
         loss.backward()
         expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         for rank in range(2):

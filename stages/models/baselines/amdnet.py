@@ -186,17 +186,22 @@ class AMDNet(BaselineModel):
         """[N_q, N_v] the clip score alone (official: there is no fusion)."""
         return self.score_branches(queries, videos)["clip"]
 
-    def training_scores(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def training_scores(self, batch: TrainBatch, step: TrainingStep | None = None) -> dict[str, torch.Tensor]:
         """The matrices and internals of the training losses, in the official order of computation.
 
         `clip` / `clip_raw` [B_q, B_v] (cosine / raw dot of the first query pass); `rel_query_vec` (second pass);
         `moment_scores` [B_q, B_v, K], `global_scores` [B_q, B_v], `rel_hinge` [B_q]; `div_gram` [B_v, K, K],
-        `div_per_video` [B_v]; `span_masks` [B_v, K, M].
+        `div_per_video` [B_v]; `span_masks` [B_v, K, M]. With `step` (training), of the global batch: the videos'
+        encodings and span internals and both query passes go through `step.gather` first.
         """
         cfg, labels = self.cfg, batch.queries.labels
         videos = self.encode_video_parts(batch.videos)
         queries = self.encode_queries(batch.queries)
         rel_queries = self.encode_queries(batch.queries)  # a second pass (own dropout mask), as officially
+        if step is not None:
+            encoded, gathered = step.gather(vars(videos), {"queries": queries, "rel_queries": rel_queries})
+            videos, labels = AMDNetVideos(**encoded), step.labels
+            queries, rel_queries = gathered["queries"], gathered["rel_queries"]
         unit = F.normalize(rel_queries, dim=-1)
         moment_scores = torch.einsum("qd,vkd->qvk", unit, F.normalize(videos.moments, dim=-1))
         global_scores = unit @ F.normalize(videos.global_vec, dim=-1).t()
@@ -219,7 +224,7 @@ class AMDNet(BaselineModel):
     def add_losses(self, step: TrainingStep) -> None:
         """Losses `clip_nce`, `div` (span diversity) and `rel` (moment relevance); no negatives are drawn."""
         cfg = self.cfg
-        scores = self.training_scores(step.batch)
+        scores = self.training_scores(step.batch, step)
         step.losses["clip_nce"] = cfg.loss_factor[0] * multi_positive_nce(scores["clip_raw"], step.labels)
         step.losses["div"] = cfg.loss_factor[1] * scores["div_per_video"].mean()
         step.losses["rel"] = cfg.rel_weight * scores["rel_hinge"].mean()

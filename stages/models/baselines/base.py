@@ -73,7 +73,9 @@ class BaselineModel(nn.Module, abc.ABC):
             self.clip_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
             self.frame_pos_embed = PositionalEncoding(cfg.max_ctx_l, dim, cfg.drop, eps)
         self.query_input_proj = InputProjection(cfg.query_input_size, dim, cfg.input_drop, eps)
-        self.query_encoder = query_encoder or AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps)
+        self.query_encoder = (
+            AttentionBlock(dim, cfg.n_heads, cfg.drop, eps=eps) if query_encoder is None else query_encoder
+        )
         if video_inputs:
             self.clip_input_proj = InputProjection(cfg.visual_input_size, dim, cfg.input_drop, eps)
 

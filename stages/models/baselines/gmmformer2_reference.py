@@ -7,29 +7,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
+from stages.models.baselines.data import VideoBatch
 from stages.models.baselines.gmmformer2 import GMMFormer2, GMMFormer2Config, GMMFormer2Videos
 from stages.models.baselines.losses import clip_assignment, clip_assignment_loss, focal_query_diverse_loss
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
+    VIDEO_BRANCH_NEGATIVES,
+    VIDEO_BRANCH_TRAIN_SCORES,
     capture_outputs,
     check_fixture,
     fixture_batches,
     fixture_model_config,
     fixture_sub_batch,
+    fixture_training_scores,
     gaussian_mask_errors,
     max_abs_diff,
     max_of,
+    score_errors,
 )
 from stages.models.reference import register_reference_check
 
 DYGMM_BLOCKS = {"clip": "clip_encoder", "frame": "frame_encoder_1"}
-TRIPLET_NEGATIVES = {
-    "clip_t2v": "train_clip_scores",
-    "clip_v2t": "train_clip_scores",
-    "frame_t2v": "train_frame_scores",
-    "frame_v2t": "train_frame_scores",
-}
 
 
 def video_encoder_groups(frame_branches: range | tuple[int, ...] = range(8)) -> dict[str, list[tuple[str, str]]]:
@@ -75,18 +73,6 @@ def dygmm_errors(model: GMMFormer2, videos: VideoBatch, io: dict[str, np.ndarray
     return max_of(errors)
 
 
-def fixture_training_scores(model: GMMFormer2, io: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], QueryBatch]:
-    """The model's training matrices on the fixture's preprocessed inputs (raw order), and the query batch."""
-    videos, queries = fixture_batches(io, io["pre_clip_feats"].shape[0], io["pre_query_feats"].shape[0])
-    return model.training_scores(TrainBatch(videos, queries)), queries
-
-
-def score_errors(scores: dict[str, torch.Tensor], io: dict[str, np.ndarray]) -> float:
-    """The four training matrices against the fixture's `train_*_scores[_raw]`."""
-    names = {f"{branch}{raw}": f"train_{branch}_scores{raw}" for branch in ("clip", "frame") for raw in ("", "_raw")}
-    return max_of(max_abs_diff(scores[ours], io[ref]) for ours, ref in names.items())
-
-
 @register_reference_check("gmmformer2")
 def check_gmmformer2(prefix: str) -> dict[str, float]:
     """GMMFormer v2 against `PREFIX_*`: preprocessing, DyGMM blocks and masks, frame padding, scores, OT and QDL,
@@ -124,7 +110,9 @@ def check_gmmformer2(prefix: str) -> dict[str, float]:
         )
         scores, queries = fixture_training_scores(model, io)
         second = model.encode_queries(queries)
-        errors["train_scores"] = max(score_errors(scores, io), max_abs_diff(second, io["train_query_vec"]))
+        errors["train_scores"] = max(
+            score_errors(scores, io, VIDEO_BRANCH_TRAIN_SCORES), max_abs_diff(second, io["train_query_vec"])
+        )
         cosine, assigned = clip_assignment(second, scores["clips"], queries.labels)
         errors["ot_assignment"] = max_of(
             [
@@ -142,5 +130,5 @@ def check_gmmformer2(prefix: str) -> dict[str, float]:
         lambda c: GMMFormer2(fixture_model_config(GMMFormer2Config, c, renames)),
         encoder_groups,
         extra,
-        TRIPLET_NEGATIVES,
+        VIDEO_BRANCH_NEGATIVES,
     )

@@ -10,6 +10,8 @@ import torch
 from stages.models.baselines.gmmformer import GMMFormer, GMMFormerConfig, GMMFormerVideos
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
+    VIDEO_BRANCH_NEGATIVES,
+    VIDEO_BRANCH_TRAIN_SCORES,
     capture_outputs,
     check_fixture,
     fixture_model_config,
@@ -59,24 +61,12 @@ def check_gmmformer(prefix: str) -> dict[str, float]:
                 max_abs_diff(model.score_branches(q, sub_encoded)["frame"], io["sub_infer_frame_scores"]),
             ]
         )
-        errors["train_scores"] = train_score_errors(
-            model,
-            io,
-            {
-                "clip": "train_clip_scores",
-                "clip_raw": "train_clip_scores_raw",
-                "frame": "train_frame_scores",
-                "frame_raw": "train_frame_scores_raw",
-                "query_vec": "train_query_vec",
-            },
-        )
+        errors["train_scores"] = train_score_errors(model, io, VIDEO_BRANCH_TRAIN_SCORES)
 
-    negative_keys = {
-        "clip_t2v": "train_clip_scores",
-        "clip_v2t": "train_clip_scores",
-        "frame_t2v": "train_frame_scores",
-        "frame_v2t": "train_frame_scores",
-    }
     return check_fixture(
-        prefix, lambda c: GMMFormer(fixture_model_config(GMMFormerConfig, c)), encoder_groups, extra, negative_keys
+        prefix,
+        lambda c: GMMFormer(fixture_model_config(GMMFormerConfig, c)),
+        encoder_groups,
+        extra,
+        VIDEO_BRANCH_NEGATIVES,
     )

@@ -9,7 +9,11 @@
 - `GMMBlock`: the mean of four attention blocks `attn0..attn3` (plain and Gaussian widths 0.5, 1, 5).
 - `TransformerLayer`: GMMFormer v2's post-LN transformer layer, attention without an output projection, then a ReLU
   feed-forward (`self.{query,key,value}.*`, `output.layer{1,2}.*`, `norm{1,2}.*`); self-attention (optionally
-  Gaussian) or cross-attention to a context, with an optional additive per-key logit bias.
+  Gaussian) or cross-attention to a context, with an optional additive per-key logit bias; its attention module
+  can be swapped (HLFormer's Lorentz branches).
+- `BranchMixture`: GMMFormer v2's dynamic mixture of parallel branches (DyGMM, HLFormer's block): a token
+  cross-attends to every branch output (`ca`), `layer1`/`layer2` give per-position branch logits, a softmax over the
+  branches weights the outputs.
 - `attention_pool`: the "modular vector" pooling of a sequence into one vector.
 """
 
@@ -232,6 +236,8 @@ class TransformerLayer(nn.Module):
         ffn_size: hidden width of the feed-forward (officially 4 D, and D in the cross-attention).
         gauss_width: Gaussian width of the self-attention (None: plain).
         eps: LayerNorm epsilon.
+        attention: the attention module, called as `attention(x, mask, gauss, context, key_bias)` (default:
+            multi-head scaled dot-product attention, the official `BertSelfAttention`).
     """
 
     def __init__(
@@ -242,10 +248,11 @@ class TransformerLayer(nn.Module):
         ffn_size: int,
         gauss_width: float | None = None,
         eps: float = 1e-5,
+        attention: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.gauss_width = gauss_width
-        self.self = _SelfAttention(dim, num_heads, dropout)
+        self.self = _SelfAttention(dim, num_heads, dropout) if attention is None else attention
         self.output = _FeedForward(dim, ffn_size, dropout)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -266,6 +273,43 @@ class TransformerLayer(nn.Module):
             gauss = gaussian_mask(x.shape[1], self.gauss_width, x.device)
         hidden = self.norm1(x + self.dropout(self.self(x, mask, gauss, context, key_bias)))
         return self.norm2(hidden + self.output(hidden))
+
+
+class BranchMixture(nn.Module):
+    """GMMFormer v2's dynamic mixture of parallel branches over sequences of exactly `length` positions.
+
+    A token cross-attends to each branch output o_k (`ca`: FFN width D, the block's key mask), giving tau_k;
+    `z = layer2(Dropout(ReLU(layer1(tau))))` [B, K, L] is a logit per branch and position, and
+    `out[b, t] = sum_k softmax_k(z[b, :, t] / sft_factor) o_k[b, t]`. A subclass registers its branches, then calls
+    `_add_mixer` (the official parameter order), and chooses the token: GMMFormer v2's learned `weight_token`,
+    HLFormer's mean of the branch outputs.
+    """
+
+    def _add_mixer(self, dim: int, num_heads: int, dropout: float, length: int, sft_factor: float, eps: float) -> None:
+        self.length, self.sft_factor = length, sft_factor
+        self.ca = TransformerLayer(dim, num_heads, dropout, dim, eps=eps)
+        self.layer1 = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer2 = nn.Linear(dim, length)
+
+    def check_length(self, x: torch.Tensor) -> None:
+        """Refuse an input x [B, L, D] whose L is not the block's length."""
+        if x.shape[1] != self.length:
+            raise ValueError(f"the block is built for {self.length} positions, got {x.shape[1]}")
+
+    def branch_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, L, K] mixing weights: softmax over the branches of the logits [B, K, L] divided by sft_factor."""
+        return torch.softmax(logits.transpose(1, 2) / self.sft_factor, dim=-1)
+
+    def mix(self, branches: torch.Tensor, token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, L, D]: the branch outputs [B, K, L, D] mixed with the weights that `token` [1 or B, 1, D] reads (one
+        `ca` call over all branches; key mask [B, L])."""
+        batch, num_branches, length, dim = branches.shape
+        queries = token.expand(batch, num_branches, dim).reshape(batch * num_branches, 1, dim)
+        keys_mask = None if mask is None else mask.repeat_interleave(num_branches, dim=0)
+        tokens = self.ca(queries, keys_mask, context=branches.reshape(batch * num_branches, length, dim))
+        logits = self.layer2(self.dropout(F.relu(self.layer1(tokens.view(batch, num_branches, dim)))))
+        return torch.einsum("blk,bkld->bld", self.branch_weights(logits), branches)
 
 
 def attention_pool(hidden: torch.Tensor, mask: torch.Tensor, scorer: nn.Linear) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from stages.data.errors import PipelineError
-from stages.models.baselines.base import TrainingStep
-from stages.models.baselines.data import QueryBatch, VideoBatch
+from stages.models.baselines.base import Encodings, TrainingStep
+from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
 from stages.models.baselines.gmmformer2 import GMMFormer2, GMMFormer2Config
 from stages.models.baselines.layers import init_weights
 from stages.models.baselines.msc_losses import VideoAlignment, rkd_angle, rkd_distance, video_level_alignment
@@ -181,13 +181,28 @@ class MSC(GMMFormer2):
             )
         return torch.log(batch.clip_sizes)
 
-    def alignment(self, batch: VideoBatch, clips: torch.Tensor, frames: torch.Tensor) -> VideoAlignment:
-        """The video-level alignment (`msc_losses.VideoAlignment`) of a batch with its encoded clips and frames."""
+    def loss_inputs(self, batch: TrainBatch) -> tuple[Encodings, Encodings]:
+        """What the video-level alignment reads per video (the clip rows, their merge sizes, each frame row's clip)
+        and the RKD teacher per query (one query-encoder pass: no second one)."""
+        v = batch.videos
+        per_video = {"clip_feats": v.clip_feats, "clip_sizes": v.clip_sizes, "frame_labels": v.frame_labels}
+        return per_video, {"teacher": teacher_tokens(batch.queries)}
+
+    def alignment(
+        self,
+        clip_feats: torch.Tensor,
+        clip_sizes: torch.Tensor,
+        frame_labels: torch.Tensor,
+        clips: torch.Tensor,
+        frames: torch.Tensor,
+    ) -> VideoAlignment:
+        """The video-level alignment (`msc_losses.VideoAlignment`) of videos with their input clip rows [B, M, d_v],
+        merge sizes [B, M], frame-row clips [B, L] and encoded clips and frames."""
         cfg = self.cfg
         return video_level_alignment(
-            batch.clip_feats,
-            batch.clip_sizes,
-            batch.frame_labels,
+            clip_feats,
+            clip_sizes,
+            frame_labels,
             self.vproj_clip(clips),
             self.vproj_clip(frames),
             cfg.sim_thr,
@@ -201,11 +216,13 @@ class MSC(GMMFormer2):
         `ranks` keys: `clip_t2v`, `clip_v2t`, `frame_t2v`, `frame_v2t`; negatives are returned under the same keys.
         """
         cfg = self.cfg
-        scores = self.training_scores(step.batch)
+        scores = self.training_scores(step.batch, step)
         self.add_ranking_losses(step, scores)
-        alignment = self.alignment(step.batch.videos, scores["clips"], scores["frames"])
+        alignment = self.alignment(
+            scores["clip_feats"], scores["clip_sizes"], scores["frame_labels"], scores["clips"], scores["frames"]
+        )
         step.losses["vidlvlctl"] = cfg.vl_coef * alignment.per_video.mean()
-        teacher = teacher_tokens(step.batch.queries)
-        distance, angle = rkd_distance(scores["query_vec"], teacher), rkd_angle(scores["query_vec"], teacher)
+        queries, teacher = scores["query_vec"], scores["teacher"]
+        distance, angle = rkd_distance(queries, teacher), rkd_angle(queries, teacher)
         step.losses["txt_rkd"] = cfg.rkd_d_coef * distance + cfg.rkd_a_coef * angle
         step.parts |= {"txt_rkd_distance": distance, "txt_rkd_angle": angle}

@@ -9,27 +9,25 @@ import torch
 import torch.nn.functional as F
 
 from stages.data.errors import PipelineError
-from stages.models.baselines.gmmformer2_reference import (
-    TRIPLET_NEGATIVES,
-    dygmm_errors,
-    fixture_training_scores,
-    score_errors,
-    video_encoder_groups,
-)
+from stages.models.baselines.gmmformer2_reference import dygmm_errors, video_encoder_groups
 from stages.models.baselines.msc import MSC, MSCConfig, MSCPreprocessConfig, teacher_tokens
 from stages.models.baselines.msc_losses import rkd_angle, rkd_distance
 from stages.models.baselines.preprocessing import bin_edges, bin_ranges
 from stages.models.baselines.reference import (
     QUERY_ENCODER_STAGES,
+    VIDEO_BRANCH_NEGATIVES,
+    VIDEO_BRANCH_TRAIN_SCORES,
     check_fixture,
     fixture_batches,
     fixture_model_config,
     fixture_preprocess_config,
+    fixture_training_scores,
     gaussian_mask_errors,
     load_fixture,
     max_abs_diff,
     max_of,
     raw_videos,
+    score_errors,
     train_batch,
 )
 from stages.models.reference import register_reference_check
@@ -108,12 +106,14 @@ def check_msc(prefix: str) -> dict[str, float]:
             max_abs_diff(teacher_tokens(train.queries)[raw_order], io["train_clip_query"]),
         )
         scores, _ = fixture_training_scores(model, io)
-        errors["train_scores"] = max(score_errors(scores, io), max_abs_diff(scores["query_vec"], io["train_query_vec"]))
+        errors["train_scores"] = score_errors(scores, io, VIDEO_BRANCH_TRAIN_SCORES)
         errors["video_projection"] = max(
             max_abs_diff(model.vproj_clip(scores["clips"]), io["vproj_clip"]),
             max_abs_diff(model.vproj_clip(scores["frames"]), io["vproj_frame"]),
         )
-        alignment = model.alignment(batch, scores["clips"], scores["frames"])
+        alignment = model.alignment(
+            batch.clip_feats, batch.clip_sizes, batch.frame_labels, scores["clips"], scores["frames"]
+        )
         segments = torch.stack(
             [F.pad(s.values, (0, 0, 0, model.cfg.map_size - len(s.values))) for s in alignment.segments]
         )
@@ -134,4 +134,4 @@ def check_msc(prefix: str) -> dict[str, float]:
             max_abs_diff(rkd_angle(scores["query_vec"], teacher), io["rkd_angle"]),
         )
 
-    return check_fixture(prefix, lambda c: MSC(msc_config(c)), encoder_groups, extra, TRIPLET_NEGATIVES)
+    return check_fixture(prefix, lambda c: MSC(msc_config(c)), encoder_groups, extra, VIDEO_BRANCH_NEGATIVES)

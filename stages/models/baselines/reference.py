@@ -67,14 +67,19 @@ def fixture_model_config(
     config: dict[str, Any],
     renames: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
+    derived: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Any:
     """Our model config from a fixture's `model_config`, `loss_config` and `inference` sections.
+
+    `model_config` entries that our config derives (head size, proposal count, layer widths, block lengths, and
+    those `derived(cfg)` returns) must agree with it.
 
     Args:
         cls: our config dataclass.
         config: the fixture's config.json.
         renames: fixture key -> our field name, for keys named differently (the fixture key is then not ours).
         extra: further field values (e.g. taken from the fixture's `preprocessing` section).
+        derived: the model's own derived entries of a config.
     """
     renames = renames or {}
     sections = {**config["model_config"], **config["loss_config"], **config["inference"]}
@@ -93,7 +98,9 @@ def fixture_model_config(
         "cross_attn_ffn_size": dim,
         "clip_block_fixed_len": cfg.map_size,
         "frame_block_fixed_len": cfg.max_ctx_l,
+        "clip_len": cfg.map_size,
         "frame_len": cfg.max_ctx_l,
+        **(derived(cfg) if derived else {}),
     }
     for key, value in expected.items():
         if key in model_config and model_config[key] != value:
@@ -121,14 +128,15 @@ def max_abs_diff(ours: torch.Tensor | np.ndarray, ref: np.ndarray, mask: np.ndar
 
 
 @contextmanager
-def capture_outputs(model: nn.Module, names: Iterable[str]) -> Any:
-    """Record the output of the named submodules (the last call of each) while the context is open."""
+def capture_outputs(model: nn.Module, names: Iterable[str], inputs: bool = False) -> Any:
+    """Record the output (with `inputs`: the first positional input) of the named submodules (the last call of
+    each) while the context is open."""
     outputs: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
 
-        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor, name: str = name) -> None:
-            outputs[name] = output
+        def hook(_module: nn.Module, args: Any, output: torch.Tensor, name: str = name) -> None:
+            outputs[name] = args[0] if inputs else output
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     try:
@@ -352,10 +360,22 @@ def gaussian_mask_errors(io: dict[str, np.ndarray]) -> float:
     return max_of(errors)
 
 
-def train_score_errors(model: BaselineModel, io: dict[str, np.ndarray], names: dict[str, str]) -> float:
+def fixture_training_scores(
+    model: BaselineModel, io: dict[str, np.ndarray]
+) -> tuple[dict[str, torch.Tensor], QueryBatch]:
+    """The model's training outputs on the fixture's preprocessed inputs (raw order), and the query batch."""
     videos, queries = fixture_batches(io, io["pre_clip_feats"].shape[0], io["pre_query_feats"].shape[0])
-    scores = model.training_scores(TrainBatch(videos, queries))
+    return model.training_scores(TrainBatch(videos, queries)), queries
+
+
+def score_errors(scores: dict[str, torch.Tensor], io: dict[str, np.ndarray], names: dict[str, str]) -> float:
+    """Training outputs against the fixture arrays that `names` maps them to."""
     return max_of(max_abs_diff(scores[ours], io[ref]) for ours, ref in names.items())
+
+
+def train_score_errors(model: BaselineModel, io: dict[str, np.ndarray], names: dict[str, str]) -> float:
+    """The model's training outputs on the fixture's inputs against the fixture arrays `names` maps them to."""
+    return score_errors(fixture_training_scores(model, io)[0], io, names)
 
 
 # The query pathway's modules and the fixture arrays of their outputs, the same in every model of the family.
@@ -364,3 +384,19 @@ QUERY_ENCODER_STAGES = [
     ("query_pos_embed", "enc_query_posemb"),
     ("query_encoder", "enc_query_tokens"),
 ]
+
+# Models whose frame branch is scored like the clip branch, on the [N_q, N_v] matrix (GMMFormer and its descendants):
+# our training matrices and the fixture arrays they must match, and the triplets' negatives with their score matrix.
+VIDEO_BRANCH_TRAIN_SCORES = {
+    "clip": "train_clip_scores",
+    "clip_raw": "train_clip_scores_raw",
+    "frame": "train_frame_scores",
+    "frame_raw": "train_frame_scores_raw",
+    "query_vec": "train_query_vec",
+}
+VIDEO_BRANCH_NEGATIVES = {
+    "clip_t2v": "train_clip_scores",
+    "clip_v2t": "train_clip_scores",
+    "frame_t2v": "train_frame_scores",
+    "frame_v2t": "train_frame_scores",
+}
