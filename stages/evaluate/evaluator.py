@@ -25,10 +25,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from stages.data.errors import PipelineError
 from stages.data.files import atomic_write_text
+from stages.data.progress import progress_bar
 from stages.data.schema import Query
 from stages.evaluate.efficiency import EfficiencyConfig, bytes_per_video, parameter_counts, probe_latency
 from stages.evaluate.metrics import prvr_metrics_from_ranks
@@ -209,7 +209,7 @@ def _encode(
     """
     outputs: list[Tensor] = []
     first_batch = None
-    for number, batch in enumerate(tqdm(batches, desc=f"encoding {what}", unit="batch", leave=False)):
+    for number, batch in enumerate(progress_bar(batches, desc=f"encoding {what}", unit="batch", leave=False)):
         output = encode(batch)
         if not isinstance(output, Tensor) or output.ndim != ndim:
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from stages.data.errors import PipelineError
+from stages.data.progress import progress_bar
 from stages.data.schema import Query
 from stages.evaluate.evaluator import EvalConfig, evaluate_encoder, ground_truth
 from stages.evaluate.retrieval import ScoringConfig, resolve_device
@@ -186,11 +186,11 @@ def train_baseline(
     negatives = torch.Generator().manual_seed(cfg.seed + 1)
     stopper = EarlyStopping(cfg.max_es_cnt)
     result = BaselineTrainResult({}, -1, {})
-    for epoch in tqdm(range(cfg.n_epoch), desc="epochs", unit="epoch", disable=not progress):
+    for epoch in progress_bar(range(cfg.n_epoch), desc="epochs", unit="epoch", disable=not progress):
         sampling = NegativeSampling(hard=epoch >= cfg.hard_negative_start_epoch, pool_size=cfg.hard_pool_size)
         model.train()
         sums: dict[str, float] = {}
-        for batch in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
+        for batch in progress_bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
             loss, parts = model.training_loss(batch.to(device), sampling, negatives)
             if not torch.isfinite(loss):
                 raise PipelineError(f"training diverged at epoch {epoch}: loss {loss.item()}; lower the lr")

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from stages.data.device import autocast, autocast_dtype
 from stages.data.device import resolve_device as resolve_config_device
+from stages.data.progress import progress_bar
 from stages.train.distributed import WorldInfo, average_gradients, is_main_process
 from stages.train.optim import WarmupCosine
 
@@ -129,7 +129,7 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         while not self.finished:
             epoch = progress.epoch
-            bar = tqdm(
+            bar = progress_bar(
                 total=cfg.steps_per_epoch,
                 initial=progress.step_in_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
