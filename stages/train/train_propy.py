@@ -153,7 +153,8 @@ def evaluate_propy(
     protocol = dataclasses.replace(protocol, split=corpus.split, scoring=scoring)
     encoder = PropyEncoder(model, device, autocast_dtype(device, cfg.amp), cfg.max_words)
     try:
-        return evaluate_encoder(encoder, videos, query_batches, gt_video, protocol, durations, gt_windows, model)
+        metrics = evaluate_encoder(encoder, videos, query_batches, gt_video, protocol, durations, gt_windows, model)
+        return {**metrics, **corpus.counts}
     finally:
         model.train(was_training)
 
@@ -196,9 +197,12 @@ def run_train_propy(base: BaseConfig, cfg: TrainPropyConfig) -> Path:
 
 
 def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: torch.device) -> Path:
-    corpus = load_corpus(base, cfg.train_split)
+    log_stage = "train_propy" if is_main_process() else ""
+    corpus = load_corpus(base, cfg.train_split, "train_propy.train_split", log_stage)
     select = cfg.select_split != "last"
-    selection_corpus = load_corpus(base, cfg.select_split) if select and is_main_process() else None
+    selection_corpus = None
+    if select and is_main_process():
+        selection_corpus = load_corpus(base, cfg.select_split, "train_propy.select_split", log_stage)
     clip_sha256 = file_sha256(base.clip_weights)
     model = build_propy(base, cfg.model, device)
     model.train()
@@ -348,7 +352,7 @@ def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: Evalua
     def score(model: ProPy, corpus: Corpus, protocol: EvalConfig) -> dict[str, Any]:
         return evaluate_propy(model, base, corpus, protocol, cfg, eval_cfg.batch_videos, eval_cfg.batch_queries, device)
 
-    corpus = load_corpus(base, headline)
+    corpus = load_corpus(base, headline, "evaluate.protocol.split", "evaluate propy")
     metrics = {"model": MODEL_NAME, **score(model, corpus, eval_cfg.protocol)}
     metrics["feature_source"] = f"{base.frames_path.name} (frames; CLIP {base.clip_arch} with prompts and adapters)"
     metrics["chance_R1"] = 100.0 / len(corpus.video_ids)
@@ -357,7 +361,10 @@ def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: Evalua
         selection["note"] = "official behaviour: the epoch was selected on the evaluated split itself (optimistic)"
     metrics["selection"] = selection
     quick = dataclasses.replace(eval_cfg.protocol, measure_efficiency=False)
-    metrics["splits"] = {split: score(model, load_corpus(base, split), quick) for split in eval_cfg.also_splits}
+    metrics["splits"] = {
+        split: score(model, load_corpus(base, split, "evaluate.also_splits", "evaluate propy"), quick)
+        for split in eval_cfg.also_splits
+    }
     if eval_cfg.untrained_reference:
         untrained = build_propy(base, model.config, device)
         metrics["untrained"] = score(untrained, corpus, quick)
