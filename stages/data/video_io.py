@@ -3,6 +3,10 @@
 The geometry is the same for every decoder: the short side is resized to `size` (bilinear), then the centre
 `size x size` square is cropped, so landscape and portrait videos keep their aspect ratio (the official
 `compress_video.py` squashes portrait videos; we do not).
+
+Frames are kept on a grid of ticks k / fps (`RateSampler`). The clips of a merged video (QVHighlights re-split) are
+decoded one by one on the grid of the merged timeline (`decode_video(..., offset, duration)`, `tick_range`,
+`frames_on_ticks`), so that their frames line up one after the other as if the clips were one file.
 """
 
 from __future__ import annotations
