@@ -47,7 +47,7 @@ class BaselineStageConfig:
 
     model: dict[str, Any] = field(default_factory=dict)  # keys of the model's config dataclass (see its module)
     train: BaselineTrainConfig = field(default_factory=BaselineTrainConfig)
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on
     select_split: str = "val"  # model selection (early stopping) split; `evaluate.protocol.split` is reported
 
 
@@ -100,12 +100,12 @@ def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig,
     Like ProPy's file: the headline split at the top level, `evaluation.also_splits` under `splits`, and the same
     architecture at initialisation (same seed) under `untrained` when `evaluation.untrained_reference` is set.
     """
-    store = FeatureStore(base.features_path())
-    device = resolve_device(evaluation.protocol.scoring.device)
-    quick = dataclasses.replace(evaluation.protocol, measure_efficiency=False)
     keys = {split: "evaluate.also_splits" for split in evaluation.also_splits}
     keys[evaluation.protocol.split] = "evaluate.protocol.split"
     available = {split: _available(base, split, key, f"evaluate {name}") for split, key in keys.items()}
+    store = FeatureStore(base.features_path())
+    device = resolve_device(evaluation.protocol.scoring.device)
+    quick = dataclasses.replace(evaluation.protocol, measure_efficiency=False)
 
     def score(model: nn.Module, preprocess: PreprocessConfig, split: str, protocol: EvalConfig) -> dict[str, Any]:
         queries, video_ids = available[split].queries, available[split].video_ids

@@ -73,7 +73,7 @@ class TrainPropyConfig:
     """The `train_propy` section (paper values per dataset are listed in params.yaml)."""
 
     model: ProPyConfig = field(default_factory=ProPyConfig)  # structure; frames per video = model.pyramid.num_frames
-    epochs: int = 10
+    epochs: int = 10  # passes over the training videos
     batch_videos: int = 24  # videos per rank per step (each with all its captions); global batch = this x ranks
     lr: float = 8e-4  # peak learning rate
     warmup: float = 0.1  # fraction of all steps spent warming up linearly from 1e-8
@@ -81,7 +81,7 @@ class TrainPropyConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     max_words: int = 32  # tokens per caption, SOT and EOT included
     tail_fix: bool = False  # False = official TSN sampling (drops each video's last frames); True covers them
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on
     select_split: str = "val"  # model selection: val | test (official behaviour) | last
     checkpoint_every_steps: int = 0  # also write last.pt every N updates (0 = after each epoch only)
     max_steps: int = 0  # stop after N updates in total (time-boxing); a later run resumes. 0 = no limit
@@ -346,13 +346,14 @@ def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: Evalua
     device = resolve_device(cfg.device, WorldInfo())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, selection = load_trained_propy(base, device)
     headline = eval_cfg.protocol.split
+    corpus = load_corpus(base, headline, "evaluate.protocol.split", "evaluate propy")
+    also = {split: load_corpus(base, split, "evaluate.also_splits", "evaluate propy") for split in eval_cfg.also_splits}
+    model, selection = load_trained_propy(base, device)
 
     def score(model: ProPy, corpus: Corpus, protocol: EvalConfig) -> dict[str, Any]:
         return evaluate_propy(model, base, corpus, protocol, cfg, eval_cfg.batch_videos, eval_cfg.batch_queries, device)
 
-    corpus = load_corpus(base, headline, "evaluate.protocol.split", "evaluate propy")
     metrics = {"model": MODEL_NAME, **score(model, corpus, eval_cfg.protocol)}
     metrics["feature_source"] = f"{base.frames_path.name} (frames; CLIP {base.clip_arch} with prompts and adapters)"
     metrics["chance_R1"] = 100.0 / len(corpus.video_ids)
@@ -361,10 +362,7 @@ def run_evaluate_propy(base: BaseConfig, cfg: TrainPropyConfig, eval_cfg: Evalua
         selection["note"] = "official behaviour: the epoch was selected on the evaluated split itself (optimistic)"
     metrics["selection"] = selection
     quick = dataclasses.replace(eval_cfg.protocol, measure_efficiency=False)
-    metrics["splits"] = {
-        split: score(model, load_corpus(base, split, "evaluate.also_splits", "evaluate propy"), quick)
-        for split in eval_cfg.also_splits
-    }
+    metrics["splits"] = {split: score(model, split_corpus, quick) for split, split_corpus in also.items()}
     if eval_cfg.untrained_reference:
         untrained = build_propy(base, model.config, device)
         metrics["untrained"] = score(untrained, corpus, quick)
