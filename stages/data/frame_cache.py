@@ -173,7 +173,8 @@ def publish_video(staged: Path, cache_path: str | Path, video_id: str) -> None:
 class FrameCache:
     """Reader of the frame cache. Holds no open file or thread, so it pickles and survives fork (DataLoader workers).
 
-    Array metadata is cached on first use: open a new reader after the cache was rewritten.
+    Each video's frame count and shard layout are cached on first use (about 200 bytes, so a reader of a 100K-video
+    cache stays small; the attributes are read from disk when asked): open a new reader after the cache was rewritten.
 
     Frames are read straight from each video's shard file as the zarr v3 sharding spec lays it out: one `pread` of
     the shard index, one `pread` and one zstd or JPEG decode per wanted frame. This is about as fast as tensorstore
@@ -183,8 +184,7 @@ class FrameCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._metadata: dict[str, dict[str, Any]] = {}
-        self._shards: dict[str, _ShardReader | None] = {}
+        self._layouts: dict[str, tuple[int, _ShardReader | None]] = {}  # video -> (frames, shard reader or None)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}
@@ -210,7 +210,7 @@ class FrameCache:
 
     def num_frames(self, video_id: str) -> int:
         """Number of cached frames of a video."""
-        return int(self._meta(video_id)["shape"][0])
+        return self._layout(video_id)[0]
 
     def attrs(self, video_id: str) -> dict:
         """Provenance attributes of a video (fps, source fingerprint, decoder, resize policy, codec, ...)."""
@@ -218,14 +218,11 @@ class FrameCache:
 
     def read(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Frames `indices` (any order, repeats allowed; None = all) of a video as uint8 [n, S, S, 3]."""
-        total = self.num_frames(video_id)
+        total, shard = self._layout(video_id)
         wanted = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(wanted) and (wanted.min() < 0 or wanted.max() >= total):
             raise IndexError(f"frame indices {wanted.tolist()} out of range [0, {total}) for video {video_id!r}")
         unique, inverse = np.unique(wanted, return_inverse=True)
-        if video_id not in self._shards:
-            self._shards[video_id] = _ShardReader.for_array(self.path / video_id, self._meta(video_id))
-        shard = self._shards[video_id]
         if shard is not None:
             frames = shard.read(unique)
         else:
@@ -235,16 +232,21 @@ class FrameCache:
             return frames
         return frames[inverse]
 
+    def _layout(self, video_id: str) -> tuple[int, _ShardReader | None]:
+        layout = self._layouts.get(video_id)
+        if layout is None:
+            meta = self._meta(video_id)
+            shard = _ShardReader.for_array(self.path / video_id, meta)
+            layout = self._layouts[video_id] = (int(meta["shape"][0]), shard)
+        return layout
+
     def _meta(self, video_id: str) -> dict[str, Any]:
-        meta = self._metadata.get(video_id)
-        if meta is None:
-            path = self.path / video_id / "zarr.json"
-            if not path.is_file():
-                raise PipelineError(
-                    f"video {video_id!r} is not in the frame cache {self.path}; run `python pipeline.py decode`"
-                )
-            meta = self._metadata[video_id] = json.loads(path.read_text())
-        return meta
+        path = self.path / video_id / "zarr.json"
+        if not path.is_file():
+            raise PipelineError(
+                f"video {video_id!r} is not in the frame cache {self.path}; run `python pipeline.py decode`"
+            )
+        return json.loads(path.read_text())
 
 
 _EMPTY_CHUNK = np.iinfo(np.uint64).max
