@@ -316,7 +316,10 @@ class StageCommand(click.Command):
         rows = [
             (f"{doc.key} = {_show(doc.default)}", doc.help) for doc in describe_config(section_config(self.section))
         ]
-        with formatter.section(f"Keys of params section `{self.section}` (-s KEY=VALUE; default, then what it does)"):
+        title = f"Keys of params section `{self.section}` (-s KEY=VALUE; default, then what it does)"
+        if self.section == "baselines":
+            title = "Keys of each entry `baselines.NAME` (-s NAME.KEY=VALUE; the model's: `config train-baseline NAME`)"
+        with formatter.section(title):
             formatter.write_dl(rows, col_max=48)
 
 
