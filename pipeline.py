@@ -18,7 +18,6 @@ stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import importlib
 import json
@@ -38,6 +37,7 @@ from stages.data.config import (
     did_you_mean,
     flatten,
     replaced_when_layered,
+    walk_config,
 )
 from stages.data.errors import PipelineError
 
@@ -273,18 +273,14 @@ def _show(value: Any) -> str:
     return yaml.safe_dump(plain, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
 
 
-def _yaml_lines(config: Any, indent: str, origin: Callable[[str], str], prefix: str = "") -> list[str]:
+def _yaml_lines(config: Any, indent: str, origin: Callable[[str], str]) -> list[str]:
     """A config dataclass as YAML lines, each leaf commented with `origin(dotted key)`."""
     lines = []
-    for f in dataclasses.fields(config):
-        if not f.init:
-            continue
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            lines.append(f"{indent}{f.name}:")
-            lines += _yaml_lines(value, indent + "  ", origin, f"{prefix}{f.name}.")
-        else:
-            lines.append(f"{indent}{f.name}: {_show(value)}  # {origin(prefix + f.name)}")
+    for field in walk_config(config):
+        pad = indent + "  " * field.depth
+        lines.append(
+            f"{pad}{field.name}:" if field.nested else f"{pad}{field.name}: {_show(field.value)}  # {origin(field.key)}"
+        )
     return lines
 
 

@@ -129,6 +129,8 @@ def test_a_stage_help_lists_its_keys_defaults_and_comments() -> None:
     assert "max_failures = 0 the stage fails when more videos than this could not be decoded" in text
     help_propy = " ".join(CliRunner().invoke(cli, ["train-propy", "--help"]).output.split())
     assert "model.pyramid.num_frames = 32 Nf: frames sampled per video" in help_propy
+    help_clip = " ".join(CliRunner().invoke(cli, ["pretrain-clip", "--help"]).output.split())
+    assert "arch.embed_dim = 128" in help_clip  # a nested default is the field's own (the tiny CLIP), not ClipArch()
 
 
 def test_a_missing_params_file_is_an_error(tmp_path: Path) -> None:

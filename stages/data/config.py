@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import io
 import re
@@ -11,7 +12,7 @@ import textwrap
 import tokenize
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -194,30 +195,44 @@ def replaced_when_layered(cls: type, path: Sequence[str]) -> bool:
 
 
 @dataclass(frozen=True)
+class ConfigField:
+    """One field met walking a config instance (`walk_config`)."""
+
+    key: str  # dotted, e.g. "model.pyramid.num_frames"
+    name: str  # the field's own name
+    value: Any
+    owner: type  # the dataclass that declares the field
+    depth: int  # 0 for the config's own fields
+    nested: bool  # the value is itself a config (its fields follow)
+
+
+def walk_config(config: Any, prefix: str = "", depth: int = 0) -> Iterator[ConfigField]:
+    """Every field of a config instance, depth first: a nested config, then its fields."""
+    for f in dataclasses.fields(config):
+        if f.init:
+            value = getattr(config, f.name)
+            nested = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            yield ConfigField(f"{prefix}{f.name}", f.name, value, type(config), depth, nested)
+            if nested:
+                yield from walk_config(value, f"{prefix}{f.name}.", depth + 1)
+
+
+@dataclass(frozen=True)
 class KeyDoc:
     """One key of a config (a leaf; nested dataclasses are walked): its dotted name, default and comment."""
 
     key: str  # e.g. "model.pyramid.num_frames"
     default: Any
-    help: str  # the field's comment in the source (its first line), or ""
+    help: str  # the field's comment in the source, or ""
 
 
-def describe_config(cls: type, prefix: str = "") -> list[KeyDoc]:
+def describe_config(cls: type) -> list[KeyDoc]:
     """Every key of dataclass `cls` with its default and the comment beside its field in the source."""
-    comments = field_comments(cls)
-    defaults = cls()
-    docs = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(value):
-            docs.extend(describe_config(type(value), f"{prefix}{f.name}."))
-        else:
-            docs.append(KeyDoc(f"{prefix}{f.name}", value, comments.get(f.name, "")))
-    return docs
+    leaves = [field for field in walk_config(cls()) if not field.nested]
+    return [KeyDoc(field.key, field.value, field_comments(field.owner).get(field.name, "")) for field in leaves]
 
 
+@functools.cache
 def field_comments(cls: type) -> dict[str, str]:
     """Field name -> the `# comment` on the line that declares it in the class body (comments read with tokenize)."""
     try:
