@@ -1,6 +1,6 @@
 """How time and memory grow with the dataset: N = 1k, 4k, 16k videos of tiny frames, about 5 queries per video.
 
-    PYTHONPATH=. nice -n 10 python benchmarks/bench_scale.py                 # N = 1000 4000 16000 (about 10 min)
+    PYTHONPATH=. nice -n 10 python benchmarks/bench_scale.py                 # N = 1000 4000 16000 (10 min, 1 GB)
     PYTHONPATH=. python benchmarks/bench_scale.py --sizes 250 1000 --out bench_out/scale_small
 
 Each stage runs in a fresh process per N (so its peak RSS is its own) on the real stage code:
