@@ -2,12 +2,16 @@
 """PRVR pipeline command line: one sub-command per stage, each reading its section of `params.yaml`.
 
     python pipeline.py --help                     # every stage, one line each
+    python pipeline.py decode --help              # a stage's params keys: default and what each does
     python pipeline.py decode -s workers=4        # one stage, overriding a key of its section
     python pipeline.py -s base.dataset=tvr decode # override a key of another section
+    python pipeline.py --params params.yaml --params anet.yaml decode   # params.yaml plus a dataset's differences
+    python pipeline.py --params params.yaml --params anet.yaml config decode   # the values used, and from where
     dvc repro                                     # the whole graph of dvc.yaml (each stage calls this file)
 
-This file is the only place that reads `params.yaml` or parses options: it turns a section into a typed config
-(a dataclass of the stage's module) and calls one library function. User mistakes end with `Error: ...` on
+This file is the only place that reads params files or parses options: it turns a section into a typed config
+(a dataclass of the stage's module) and calls one library function. Each stage logs, on stderr, the values that
+differ from the code's defaults and which file or override set them. User mistakes end with `Error: ...` on
 stderr and a non-zero exit status, never a traceback.
 """
 
@@ -15,41 +19,114 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import json
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 import yaml
 
-from stages.data.config import BaseConfig, config_from_dict
+from stages.data.config import (
+    BaseConfig,
+    config_from_dict,
+    describe_config,
+    did_you_mean,
+    flatten,
+    replaced_when_layered,
+    walk_config,
+)
 from stages.data.errors import PipelineError
 
 T = TypeVar("T")
 
 
-class Params:
-    """`params.yaml` plus `-s KEY=VALUE` overrides.
+SECTIONS = {  # params section -> the config dataclass it builds ("module:Class"); `baselines`: one per entry
+    "base": "stages.data.config:BaseConfig",
+    "synth": "stages.synthetic.synth:SynthConfig",
+    "pretrain_clip": "stages.synthetic.pretrain_clip:PretrainClipConfig",
+    "prepare": "stages.data.prepare:PrepareConfig",
+    "decode": "stages.extract.decode:DecodeConfig",
+    "features": "stages.extract.features:FeaturesConfig",
+    "train_propy": "stages.train.train_propy:TrainPropyConfig",
+    "baselines": "stages.train.train_baseline:BaselineStageConfig",
+    "evaluate": "stages.evaluate.evaluator:EvaluateConfig",
+    "report": "stages.evaluate.report:ReportConfig",
+}
+DEFAULT_PARAMS = "params.yaml"
 
-    An override whose first dotted part names a section (`base.seed=1`, `decode.fps=2`) is absolute; any other
-    (`fps=2`) belongs to the section of the command that runs.
+
+def section_config(section: str) -> type:
+    """The config dataclass of a params section (imported on first use: stage modules import torch)."""
+    module, _, name = SECTIONS[section].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Params:
+    """Layered params files plus `-s KEY=VALUE` overrides, remembering where every value came from.
+
+    Files are read in order and later ones win key by key (mappings merge, anything else is replaced), so
+    `--params params.yaml --params anet.yaml` is params.yaml with anet.yaml's differences. An override whose first
+    dotted part names a section (one of SECTIONS, or of a file) is absolute (`base.seed=1`, `evaluate.protocol.split=
+    val`); any other (`fps=2`) belongs to the section of the command that runs. Each stage logs which file (or
+    override) set every value that differs from the code's default.
     """
 
-    def __init__(self, path: str, overrides: tuple[str, ...]) -> None:
-        self.path = Path(path)
+    def __init__(self, paths: Sequence[str], overrides: tuple[str, ...], defaulted: bool = False) -> None:
+        self.paths = [Path(path) for path in paths]
         self.overrides = overrides
+        self.defaulted = defaulted  # the files are the default (a missing params.yaml then means code defaults)
         self.default_section = ""
+        self.quiet = False  # no log of the values set (`config` prints them itself)
+        self._logged: set[str] = set()
+        self._noted: set[str] = set()
+        self._merged: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+
+    def describe(self) -> str:
+        """The files, in the order they are layered."""
+        return " < ".join(str(path) for path in self.paths) or "(no params file)"
 
     @functools.cached_property
-    def data(self) -> dict[str, Any]:
-        """The parsed params file (empty if it does not exist)."""
-        if not self.path.is_file():
-            return {}
-        try:
-            return yaml.safe_load(self.path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"{self.path} is not valid YAML: {exc}") from exc
+    def layers(self) -> list[tuple[str, dict[str, Any]]]:
+        """(file, parsed mapping) of every params file, in order."""
+        layers = []
+        for path in self.paths:
+            if not path.is_file():
+                if self.defaulted:
+                    continue
+                raise PipelineError(f"params file {path} does not exist")
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise PipelineError(f"{path} is not valid YAML: {exc}") from exc
+            if not isinstance(data, dict):
+                raise PipelineError(f"{path} must be a mapping of sections, got {type(data).__name__}")
+            layers.append((str(path), data))
+        return layers
+
+    def _layered(self, name: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """Section `name` of every file merged in order, and where each of its values came from."""
+        if name not in self._merged:
+            data: dict[str, Any] = {}
+            origins: dict[str, str] = {}
+            for label, layer in self.layers:
+                if name in layer:
+                    _merge(data, layer[name] or {}, origins, label, _whole_values(name))
+            self._merged[name] = data, origins
+        return self._merged[name]
+
+    @property
+    def file_sections(self) -> set[str]:
+        """The sections the files have."""
+        return {name for _, layer in self.layers for name in layer}
+
+    @property
+    def sections(self) -> set[str]:
+        """Section names: those of the configs, and any other section a file has."""
+        return set(SECTIONS) | self.file_sections
 
     def use(self, section: str, local_overrides: tuple[str, ...] = ()) -> Params:
         """Make `section` the target of relative overrides and add the command's own overrides."""
@@ -57,33 +134,154 @@ class Params:
         self.overrides = (*self.overrides, *local_overrides)
         return self
 
-    def section(self, name: str) -> dict[str, Any]:
-        """A copy of one section with its overrides applied."""
-        merged = copy.deepcopy(self.data.get(name) or {})
+    def _targets(self) -> list[tuple[str, str, list[str], Any]]:
+        """(override, section, key path in it, value) of every override."""
+        targets = []
         for item in self.overrides:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise PipelineError(f"override {item!r} is not KEY=VALUE")
             parts = key.split(".")
-            if parts[0] in self.data or parts[0] == "base":
+            if parts[0] in self.sections:
                 section, parts = parts[0], parts[1:]
             else:
                 section = self.default_section
-            if section != name or not parts:
+            if not parts or not section:
+                raise PipelineError(f"override -s {item}: name a key of a section, e.g. -s decode.fps=2")
+            targets.append((item, section, parts, yaml.safe_load(raw)))
+        return targets
+
+    def section(self, name: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """A copy of one section with its overrides applied, and where each of its keys came from."""
+        layered, origins = self._layered(name)
+        merged, local = copy.deepcopy(layered), dict(origins)
+        for item, section, parts, value in self._targets():
+            if section != name:
                 continue
             target = merged
             for part in parts[:-1]:
-                target = target.setdefault(part, {})
-            target[parts[-1]] = yaml.safe_load(raw)
-        return merged
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
+            target[parts[-1]] = value
+            _record(local, ".".join(parts), value, f"-s {item}")
+        return merged, local
 
     def base(self) -> BaseConfig:
         """The typed `base` section."""
-        return config_from_dict(BaseConfig, self.section("base"), f"{self.path}:base")
+        return self.config("base", BaseConfig)
 
-    def config(self, name: str, cls: type[T]) -> T:
-        """The typed config of section `name`."""
-        return config_from_dict(cls, self.section(name), f"{self.path}:{name}")
+    def config(self, name: str, cls: type[T], entry: str = "") -> T:
+        """The typed config of section `name` (or of one `entry` of it, e.g. `baselines.msl`)."""
+        data, origins = self.section(name)
+        self._note_unread_default(name)
+        where = name
+        for depth, part in enumerate(entry.split(".") if entry else ()):
+            if not isinstance(data, dict) or (part not in data and depth == 0):
+                there = sorted(data) if isinstance(data, dict) else []
+                raise PipelineError(f"{self.describe()} has no `{where}.{part}` entry; entries there: {there}")
+            data, where = data.get(part) or {}, f"{where}.{part}"  # a missing inner part takes the defaults
+            origins = {k[len(part) + 1 :]: v for k, v in origins.items() if k.startswith(f"{part}.")}
+        built = config_from_dict(cls, data, where, origins, also_suggest=self.sections)
+        self._log(where, built, origins)
+        return built
+
+    def _note_unread_default(self, name: str) -> None:
+        """When no file given has section `name` but an unread params.yaml has: say that code defaults are used."""
+        default = Path(DEFAULT_PARAMS)
+        if name in self.file_sections or name in self._noted or not default.is_file():
+            return
+        if default.resolve() in [path.resolve() for path in self.paths]:
+            return
+        if name in (yaml.safe_load(default.read_text()) or {}):
+            self._noted.add(name)
+            print(
+                f"note: {self.describe()} has no `{name}` section, so the code's defaults are used, not those of "
+                f"{DEFAULT_PARAMS}; to layer on it, name it first: --params {DEFAULT_PARAMS} --params ...",
+                file=sys.stderr,
+            )
+
+    def _log(self, where: str, built: Any, origins: dict[str, str]) -> None:
+        """Print once per section which file or override set each value that is not the code's default."""
+        if self.quiet or where in self._logged or os.environ.get("RANK", "0") != "0":
+            return
+        self._logged.add(where)
+        defaults = flatten(type(built)())
+        changed = {key: value for key, value in flatten(built).items() if defaults.get(key, _UNSET) != value}
+        if changed:
+            lines = [f"  {key}: {_show(value)}  # {origins.get(key, 'default')}" for key, value in changed.items()]
+            print(f"{where} ({self.describe()}), values other than the defaults:", *lines, sep="\n", file=sys.stderr)
+
+    def effective(self, name: str, cls: type, entry: str = "") -> list[str]:
+        """The section as YAML, every value commented with where it came from (`default` when nowhere)."""
+        built = self.config(name, cls, entry)
+        origins = self.section(name)[1]
+        prefix = f"{entry}." if entry else ""
+        lines = [f"# {name}{'.' + entry if entry else ''}: {self.describe()}, then -s overrides"]
+        lines += [f"{name}:"] + ([f"  {entry}:"] if entry else [])
+        indent = "    " if entry else "  "
+        lines += _yaml_lines(built, indent, lambda key: origins.get(prefix + key, "default"))
+        return lines
+
+
+_UNSET = object()
+
+
+def _merge(
+    target: dict[str, Any],
+    update: dict[str, Any],
+    origins: dict[str, str],
+    label: str,
+    whole: Callable[[str], bool],
+    prefix: str = "",
+) -> None:
+    """Merge `update` into `target` key by key (nested mappings merge unless `whole(dotted key)`), recording
+    `label` as the origin of every value it sets."""
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(target.get(key), dict) and not whole(path):
+            _merge(target[key], value, origins, label, whole, f"{path}.")
+        else:
+            target[key] = copy.deepcopy(value)
+            _record(origins, path, value, label)
+
+
+def _whole_values(section: str) -> Callable[[str], bool]:
+    """Which mappings of a section a later file replaces whole (e.g. `prepare.files`, a dataset's splits)."""
+    if section not in SECTIONS:
+        return lambda path: False
+    cls = section_config(section)
+    if section == "baselines":  # one entry per model
+        return lambda path: "." in path and replaced_when_layered(cls, path.split(".")[1:])
+    return lambda path: replaced_when_layered(cls, path.split("."))
+
+
+def _record(origins: dict[str, str], path: str, value: Any, label: str) -> None:
+    """`label` is where the value at `path` came from: every leaf of it when it is a mapping (set as a whole)."""
+    for key in [k for k in origins if k == path or k.startswith(f"{path}.")]:
+        del origins[key]
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _record(origins, f"{path}.{key}", item, label)
+    else:
+        origins[path] = label
+
+
+def _show(value: Any) -> str:
+    """A value as one line of YAML (tuples as lists)."""
+    plain = json.loads(json.dumps(value, default=str))
+    return yaml.safe_dump(plain, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
+
+
+def _yaml_lines(config: Any, indent: str, origin: Callable[[str], str]) -> list[str]:
+    """A config dataclass as YAML lines, each leaf commented with `origin(dotted key)`."""
+    lines = []
+    for field in walk_config(config):
+        pad = indent + "  " * field.depth
+        lines.append(
+            f"{pad}{field.name}:" if field.nested else f"{pad}{field.name}: {_show(field.value)}  # {origin(field.key)}"
+        )
+    return lines
 
 
 class StageGroup(click.Group):
@@ -102,15 +300,42 @@ class StageGroup(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+class StageCommand(click.Command):
+    """A stage's command: `--help` ends with every key of its params section, its default and its comment."""
+
+    def __init__(self, *args: Any, section: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.section = section
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        rows = [
+            (f"{doc.key} = {_show(doc.default)}", doc.help) for doc in describe_config(section_config(self.section))
+        ]
+        title = f"Keys of params section `{self.section}` (-s KEY=VALUE; default, then what it does)"
+        if self.section == "baselines":
+            title = "Keys of each entry `baselines.NAME` (-s NAME.KEY=VALUE; the model's: `config train-baseline NAME`)"
+        with formatter.section(title):
+            formatter.write_dl(rows, col_max=48)
+
+
 @click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help="The parameters file.")
+@click.option(
+    "--params",
+    "params_paths",
+    multiple=True,
+    default=(DEFAULT_PARAMS,),
+    show_default=True,
+    help="A params file; give several to layer them, later files winning (--params params.yaml --params anet.yaml).",
+)
 @click.option(
     "-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value, e.g. -s base.seed=1."
 )
 @click.pass_context
-def cli(ctx: click.Context, params_path: str, overrides: tuple[str, ...]) -> None:
+def cli(ctx: click.Context, params_paths: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Partially relevant video retrieval: decode once, extract CLIP features, train, evaluate, report."""
-    ctx.obj = Params(params_path, overrides)
+    defaulted = ctx.get_parameter_source("params_paths") is click.core.ParameterSource.DEFAULT
+    ctx.obj = Params(params_paths, overrides, defaulted)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -126,6 +351,43 @@ def section_overrides(fn: F) -> F:
         metavar="KEY=VALUE",
         help="Override a key of this stage's params section (or base.KEY / other.KEY).",
     )(fn)
+
+
+COMMAND_SECTIONS = {"train-propy": "train_propy", "pretrain-clip": "pretrain_clip", "train-baseline": "baselines"}
+
+
+@cli.command("config")
+@click.argument("stage")
+@click.argument("name", required=False)
+@click.pass_obj
+def show_config(params: Params, stage: str, name: str | None) -> None:
+    """Print the effective params section of STAGE (a command or a section), each value with where it came from.
+
+    `config train-baseline NAME` prints the entry of baseline NAME, its model's keys included.
+    """
+    params.quiet = True
+    section = COMMAND_SECTIONS.get(stage, stage.replace("-", "_"))
+    if section not in SECTIONS:
+        raise PipelineError(f"no stage or section {stage!r}{did_you_mean(stage, SECTIONS)}; sections: {list(SECTIONS)}")
+    params.use(section)  # relative overrides (-s lr=1e-3) belong to it, as when the stage runs
+    if section == "baselines":
+        if not name:
+            raise PipelineError("name the baseline: python pipeline.py config train-baseline NAME")
+        click.echo("\n".join(_baseline_lines(params, name)))
+        return
+    click.echo("\n".join(params.effective(section, section_config(section))))
+
+
+def _baseline_lines(params: Params, name: str) -> list[str]:
+    """`config train-baseline NAME`: the entry, with the model's config dataclass in place of its `model` keys."""
+    cfg, model = _baseline_config(params, name)
+    lines = params.effective("baselines", section_config("baselines"), name)
+    if model is None:
+        return lines
+    origins = params.section("baselines")[1]
+    at = next(i for i, line in enumerate(lines) if line.startswith("    model:"))
+    model_lines = _yaml_lines(model, "      ", lambda key: origins.get(f"{name}.model.{key}", "default"))
+    return [*lines[:at], "    model:", *model_lines, *lines[at + 1 :]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,7 +434,7 @@ def verify_reference(model: str, prefix: str, checkpoint: str | None) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("prepare")
+@cli.command("prepare", cls=StageCommand, section="prepare")
 @section_overrides
 @click.pass_obj
 def prepare(params: Params, local_overrides: tuple[str, ...]) -> None:
@@ -203,16 +465,19 @@ def score_matrix(sims_path: str, gt_path: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("decode")
+@cli.command("decode", cls=StageCommand, section="decode")
 @section_overrides
 @click.pass_obj
 def decode(params: Params, local_overrides: tuple[str, ...]) -> None:
     """Decode every annotated video once into the zarr frame cache."""
+    from stages.data.available import failures_path
     from stages.extract.decode import DecodeConfig, run_decode
 
     params.use("decode", local_overrides)
-    summary = run_decode(params.base(), params.config("decode", DecodeConfig))
-    click.echo(f"decoded {len(summary.decoded)}, already cached {len(summary.skipped)}, failed {len(summary.failures)}")
+    base = params.base()
+    summary = run_decode(base, params.config("decode", DecodeConfig))
+    failed = f"failed {len(summary.failures)}" + (f" (listed in {failures_path(base)})" if summary.failures else "")
+    click.echo(f"decoded {len(summary.decoded)}, already cached {len(summary.skipped)}, {failed}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -220,7 +485,7 @@ def decode(params: Params, local_overrides: tuple[str, ...]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("synth")
+@cli.command("synth", cls=StageCommand, section="synth")
 @section_overrides
 @click.pass_obj
 def synth(params: Params, local_overrides: tuple[str, ...]) -> None:
@@ -231,7 +496,7 @@ def synth(params: Params, local_overrides: tuple[str, ...]) -> None:
     run_synth(params.base(), params.config("synth", SynthConfig))
 
 
-@cli.command("pretrain-clip")
+@cli.command("pretrain-clip", cls=StageCommand, section="pretrain_clip")
 @section_overrides
 @click.pass_obj
 def pretrain_clip(params: Params, local_overrides: tuple[str, ...]) -> None:
@@ -275,7 +540,7 @@ def import_checkpoint(
 
         if pyramid or clip_weights or clip_out:
             raise PipelineError("--pyramid, --clip-weights and --clip-out are ProPy options")
-        written = import_baseline_checkpoint(name, src, dst, _baseline_config(params, name).model)
+        written = import_baseline_checkpoint(name, src, dst, _baseline_config(params, name)[0].model)
     click.echo(json.dumps(written, indent=1))
 
 
@@ -284,7 +549,7 @@ def import_checkpoint(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("features")
+@cli.command("features", cls=StageCommand, section="features")
 @section_overrides
 @click.pass_obj
 def features(params: Params, local_overrides: tuple[str, ...]) -> None:
@@ -300,7 +565,7 @@ def features(params: Params, local_overrides: tuple[str, ...]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("train-propy")
+@cli.command("train-propy", cls=StageCommand, section="train_propy")
 @section_overrides
 @click.pass_obj
 def train_propy(params: Params, local_overrides: tuple[str, ...]) -> None:
@@ -319,25 +584,27 @@ def _evaluate_propy(params: Params, checkpoint: str | None, metrics: str | None)
     return run_evaluate_propy(params.base(), train, evaluation, checkpoint, metrics)
 
 
-def _baseline_config(params: Params, name: str) -> Any:
-    from stages.data.config import config_from_dict
+def _baseline_config(params: Params, name: str) -> tuple[Any, Any]:
+    """Entry `baselines.NAME` and its typed model config (None for a model without one), keys checked."""
+    from stages.models import model_spec
     from stages.train.train_baseline import BaselineStageConfig
 
-    section = params.section("baselines")
-    if name not in section:
-        raise PipelineError(f"{params.path} has no `baselines.{name}` entry; baselines there: {sorted(section)}")
-    return config_from_dict(BaselineStageConfig, section[name], f"{params.path}:baselines.{name}")
+    cfg = params.config("baselines", BaselineStageConfig, name)
+    spec = model_spec(name)
+    if spec.config is None:
+        return cfg, None
+    return cfg, params.config("baselines", spec.config, f"{name}.model")
 
 
 def _evaluate_baseline(params: Params, name: str, checkpoint: str | None, metrics: str | None) -> dict[str, Any]:
     from stages.evaluate.evaluator import EvaluateConfig
     from stages.train.train_baseline import run_evaluate_baseline
 
-    evaluation = params.config("evaluate", EvaluateConfig)
-    return run_evaluate_baseline(params.base(), name, _baseline_config(params, name), evaluation, checkpoint, metrics)
+    evaluation, (entry, _) = params.config("evaluate", EvaluateConfig), _baseline_config(params, name)
+    return run_evaluate_baseline(params.base(), name, entry, evaluation, checkpoint, metrics)
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", cls=StageCommand, section="evaluate")
 @click.argument("model")
 @click.option(
     "--checkpoint",
@@ -367,7 +634,7 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("train-baseline")
+@cli.command("train-baseline", cls=StageCommand, section="baselines")
 @click.argument("name")
 @section_overrides
 @click.pass_obj
@@ -376,7 +643,7 @@ def train_baseline(params: Params, name: str, local_overrides: tuple[str, ...]) 
     from stages.train.train_baseline import run_train_baseline
 
     params.use("baselines", local_overrides)
-    click.echo(f"wrote {run_train_baseline(params.base(), name, _baseline_config(params, name))}")
+    click.echo(f"wrote {run_train_baseline(params.base(), name, _baseline_config(params, name)[0])}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -384,7 +651,7 @@ def train_baseline(params: Params, name: str, local_overrides: tuple[str, ...]) 
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("report")
+@cli.command("report", cls=StageCommand, section="report")
 @section_overrides
 @click.option(
     "--readme",
@@ -410,16 +677,13 @@ def report(params: Params, local_overrides: tuple[str, ...], readme: str | None)
 
 def _model_configs(params: Params) -> dict[str, Any]:
     """Each model's typed model config from params.yaml (what a report row's configuration is compared with)."""
-    from stages.data.config import config_from_dict
-    from stages.models import model_spec
     from stages.train.train_propy import TrainPropyConfig
 
     configs: dict[str, Any] = {"propy": params.config("train_propy", TrainPropyConfig).model}
-    for name, entry in params.section("baselines").items():
-        spec = model_spec(name)
-        if spec.config is not None:
-            model = (entry or {}).get("model", {})
-            configs[name] = config_from_dict(spec.config, model, f"{params.path}:baselines.{name}.model")
+    for name in params.section("baselines")[0]:
+        _, model = _baseline_config(params, name)
+        if model is not None:
+            configs[name] = model
     return configs
 
 
@@ -443,7 +707,7 @@ def seeds(params: Params, seeds_text: str, models_text: str, missing_only: bool)
     from stages.train.train_propy import TrainPropyConfig
 
     seed_list = _integers(seeds_text, "--seeds")
-    baselines = {name: _baseline_config(params, name) for name in params.section("baselines")}
+    baselines = {name: _baseline_config(params, name)[0] for name in params.section("baselines")[0]}
     default = ["propy", *(name for name in baselines if model_spec(name).trainable)]
     models = [m.strip() for m in models_text.split(",") if m.strip()] or default
     propy = params.config("train_propy", TrainPropyConfig)

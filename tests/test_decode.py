@@ -16,12 +16,14 @@ import av
 import numpy as np
 import pytest
 
+from stages.data.available import failures_path
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache, ensure_cache
-from stages.data.schema import Query, VideoPart, write_queries
-from stages.data.video_io import RateSampler, decode_video, select_frames, uniform_cap, write_video
-from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, failures_path, run_decode
+from stages.data.prepare import PrepareConfig, run_prepare
+from stages.data.schema import read_queries
+from stages.data.video_io import RateSampler, decode_video, select_frames, tick_range, uniform_cap, write_video
+from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, run_decode
 from tests.videos import make_video, moving_frames, write_annotations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,11 +53,15 @@ def _mtimes(base: BaseConfig) -> dict[str, int]:
 
 
 def test_rate_sampler_keeps_first_frame_at_or_after_each_tick() -> None:
-    assert select_frames(np.arange(30) / 10, 3).tolist() == [0, 4, 7, 10, 14, 17, 20, 24, 27]
-    assert select_frames(np.arange(9) / 3, 3).tolist() == list(range(9))  # a 3 fps source keeps every frame
-    assert select_frames(np.arange(10) / 2, 3).tolist() == list(range(10))  # slower sources are never duplicated
+    assert select_frames(np.arange(30) / 10, 3)[0].tolist() == [0, 4, 7, 10, 14, 17, 20, 24, 27]
+    assert select_frames(np.arange(9) / 3, 3)[0].tolist() == list(range(9))  # a 3 fps source keeps every frame
+    indices, ticks = select_frames(np.arange(10) / 2, 3)  # slower sources are never duplicated: ticks are skipped
+    assert indices.tolist() == list(range(10)) and ticks.tolist() == [0, 1, 3, 4, 6, 7, 9, 10, 12, 13]
     sampler = RateSampler(3)
     assert [sampler.keep(t) for t in (5.0, 5.1, 5.34, 5.4)] == [True, False, True, False]  # relative to the start
+    late = RateSampler(3, offset=2.5)  # a clip from 2.5 s on the timeline meets its ticks 8 (2.67 s), 9 (3 s), ...
+    assert [late.tick(t) for t in (0.0, 0.4, 0.5, 0.6, 0.84)] == [None, 8, 9, None, 10]
+    assert tick_range(2.5, 2.25, 3) == (8, 15) and tick_range(0.0, 2.0, 3) == (0, 6)
     assert uniform_cap(10, 4).tolist() == [0, 3, 6, 9] and uniform_cap(3, 4).tolist() == [0, 1, 2]
 
 
@@ -138,20 +144,29 @@ def test_faulty_videos_go_to_the_manifest_and_never_into_the_cache(tmp_path: Pat
     assert tolerant.decoded == [] and len(tolerant.failures) == len(bad)
 
 
-def test_missing_video_is_an_error_naming_the_file(tmp_path: Path) -> None:
-    base, config = _setup(tmp_path, {"here": 1.0})
+def test_a_missing_file_is_a_failure_like_a_corrupt_one(tmp_path: Path, scheduler: str) -> None:
+    base, config = _setup(tmp_path, {"here": 1.0}, scheduler)
     write_annotations(base.annotations_path, ["here", "gone"])
-    with pytest.raises(PipelineError, match=r"gone\.mp4"):
+    with pytest.raises(PipelineError, match=r"1 video\(s\) could not be decoded.*gone: file not found.*video_dir"):
         run_decode(base, config)
-    assert FrameCache(base.frames_path).video_ids() == []
+    assert FrameCache(base.frames_path).video_ids() == ["here"]  # the others were still decoded
+    [record] = [json.loads(line) for line in failures_path(base).read_text().splitlines()]
+    assert record["video_id"] == "gone" and record["path"].endswith("gone.mp4") and "not found" in record["reason"]
+    summary = run_decode(base, replace(config, max_failures=1))
+    assert summary.skipped == ["here"] and [f.video_id for f in summary.failures] == ["gone"]
+
+    (tmp_path / "videos" / "here.mp4").unlink()  # decoded once, then the file was deleted: the frames are kept
+    summary = run_decode(base, replace(config, max_failures=1))
+    assert summary.source_gone == ["here"] and [f.video_id for f in summary.failures] == ["gone"]
+    assert FrameCache(base.frames_path).video_ids() == ["here"]
+    with pytest.raises(PipelineError, match="2 video"):  # other settings: the cached frames cannot stand in
+        run_decode(base, replace(config, max_failures=1, size=16))
 
 
-def test_merged_clips_without_a_file_get_a_specific_error(tmp_path: Path) -> None:
-    base, config = _setup(tmp_path, {"clip_a": 1.0})
-    parts = (VideoPart("clip_a", 0.0, 1.0), VideoPart("clip_b", 1.0, 1.0))
-    write_queries(base.annotations_path, [Query("q", "a dog runs", "source", 2.0, ((0.0, 1.0),), "val", parts)])
-    with pytest.raises(PipelineError, match=r"merged from several clips.*'source' = \['clip_a', 'clip_b'\]"):
-        run_decode(base, config)
+def test_a_video_dir_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    base, config = _setup(tmp_path, {"a": 1.0})
+    with pytest.raises(PipelineError, match=r"decode.video_dir '.*nowhere' does not exist"):
+        run_decode(base, replace(config, video_dir=str(tmp_path / "nowhere")))
 
 
 def test_timeout_kills_the_decoder_and_leaves_nothing(tmp_path: Path) -> None:
@@ -195,3 +210,59 @@ def test_killed_run_resumes_without_redoing_or_corrupting(tmp_path: Path, schedu
     assert _mtimes(base).items() >= survivors.items()  # complete videos were not redone
     reference = decode_video(tmp_path / "videos" / "v7.mp4", 3, 96).frames
     np.testing.assert_array_equal(FrameCache(base.frames_path).read("v7"), reference)
+
+
+CLIPS = {"srcA_0.0_2.5": 2.5, "srcA_10.0_12.25": 2.25, "srcA_20.0_21.75": 1.75}  # seconds, at 12 fps
+
+
+def _clip_frames(index: int, seconds: float) -> np.ndarray:
+    """Flat frames whose red says the clip and whose green says the frame's index within it (8 per frame)."""
+    frames = np.empty((round(seconds * 12), 64, 96, 3), np.uint8)
+    frames[..., 0] = 60 + 60 * index
+    frames[..., 1] = (8 * np.arange(len(frames), dtype=np.uint8))[:, None, None]
+    frames[..., 2] = 128
+    return frames
+
+
+def test_merged_clips_decode_onto_one_timeline(tmp_path: Path, scheduler: str) -> None:
+    for index, (clip, seconds) in enumerate(CLIPS.items()):
+        write_video(tmp_path / "videos" / f"{clip}.mp4", _clip_frames(index, seconds), fps=12, crf=4)
+    lines = [
+        {"qid": k, "query": f"q{k}", "vid": clip, "duration": seconds, "relevant_windows": [[0.5, 1.5]]}
+        for k, (clip, seconds) in enumerate(CLIPS.items())
+    ]
+    native = tmp_path / "qvh.jsonl"
+    native.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    base = BaseConfig(dataset="qvh", cache_dir=str(tmp_path / "cache"))
+    run_prepare(base, PrepareConfig(format="qvhighlights", files={"test": str(native)}, merge_sources=True))
+    moment = next(q for q in read_queries(base.annotations_path) if q.query_id == "1")
+    assert moment.video_id == "srcA" and moment.moments == ((3.0, 4.0),)  # clip 1 starts at 2.5 s
+    config = DecodeConfig(video_dir=str(tmp_path / "videos"), size=32, workers=1, scheduler_address=scheduler)
+
+    assert run_decode(base, config).decoded == ["srcA"]
+    cache = FrameCache(base.frames_path)
+    assert cache.num_frames("srcA") == 20  # ticks of [0, 6.5 s) at 3 fps: 8 + 7 + 5, no gap, no overlap
+    parts = cache.attrs("srcA")["parts"]
+    assert [(p["video_id"], p["first_frame"], p["frame_count"]) for p in parts] == [
+        ("srcA_0.0_2.5", 0, 8),
+        ("srcA_10.0_12.25", 8, 7),
+        ("srcA_20.0_21.75", 15, 5),
+    ]
+    assert [p["offset"] for p in parts] == [0.0, 2.5, 4.75] and parts[1]["source"]["sha256"]
+    frames = cache.read("srcA").astype(int)
+    for tick in range(20):  # frame i shows time i / 3 of the merged timeline: the right clip, the right moment in it
+        clip = sum(tick / 3 >= p["offset"] - 1e-9 for p in parts) - 1
+        local_frame = np.ceil((tick / 3 - parts[clip]["offset"]) * 12 - 1e-6)
+        assert abs(frames[tick, ..., 0].mean() - (60 + 60 * clip)) < 6, tick
+        assert abs(frames[tick, ..., 1].mean() - 8 * local_frame) < 6, tick
+    ticks = [i for i in range(20) if moment.moments[0][0] <= i / 3 < moment.moments[0][1]]
+    assert ticks == [9, 10, 11] and all(abs(frames[i, ..., 0].mean() - 120) < 6 for i in ticks)
+
+    assert run_decode(base, config).skipped == ["srcA"]  # up to date: every clip's fingerprint matches
+    (tmp_path / "videos" / "srcA_20.0_21.75.mp4").unlink()
+    (tmp_path / "videos" / "srcA_10.0_12.25.mp4").write_bytes(b"")
+    failed = run_decode(base, replace(config, max_failures=1, size=16)).failures
+    assert "file not found: 1 of its 3 clips" in failed[0].reason
+    write_video(tmp_path / "videos" / "srcA_20.0_21.75.mp4", _clip_frames(2, 1.75), fps=12)
+    failed = run_decode(base, replace(config, max_failures=1, size=16)).failures
+    assert "clip srcA_10.0_12.25" in failed[0].reason and "empty file" in failed[0].reason

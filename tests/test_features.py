@@ -78,5 +78,5 @@ def test_wrong_arch_and_missing_frames_are_clear_errors(dataset: BaseConfig) -> 
     with pytest.raises(PipelineError, match="base.clip_arch"):
         run_features(wrong, FeaturesConfig(workers=0))
     write_queries(dataset.annotations_path, [Query("q3", "x", "vid_missing", 1.0, (), "test")])
-    with pytest.raises(PipelineError, match="not in the frame cache"):
+    with pytest.raises(PipelineError, match="neither in the frame cache .* nor in the failure manifest"):
         run_features(dataset, FeaturesConfig(workers=0))

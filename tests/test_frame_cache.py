@@ -120,7 +120,7 @@ def test_cache_pickles_without_handles(cache_root: Path) -> None:
     cache = FrameCache(cache_root)
     cache.read("long", [1])
     clone = pickle.loads(pickle.dumps(cache))
-    assert clone._shards == {} and clone.path == cache.path
+    assert clone._layouts == {} and clone.path == cache.path
     np.testing.assert_array_equal(clone.read("long", [1, 2]), cache.read("long", [1, 2]))
 
 

@@ -29,8 +29,9 @@ FIXTURE_KEYS = ("hidden_size", "n_heads", "max_ctx_l", "max_desc_l", "map_size",
 
 
 def invoke(*args: str) -> tuple[int, str]:
+    """(exit code, stdout), or the error on stderr when nothing went to stdout (stage logs also go to stderr)."""
     result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout if result.stdout.strip() else result.stderr
 
 
 def import_baseline(params: str, src: Path | str, dst: Path, name: str) -> tuple[int, str]:

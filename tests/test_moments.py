@@ -190,3 +190,36 @@ def test_bad_moment_inputs_are_reported() -> None:
         moment_recalls(
             predictions, torch.tensor([0, 1]), [torch.tensor([[0.0, 1.0]]), torch.zeros(0, 2)], MomentConfig()
         )
+
+
+class _Units:
+    """An encoder of fixed random units (3 per video, the WINDOWS pyramid) and query vectors."""
+
+    unit_windows = WINDOWS
+
+    def __init__(self, videos: Tensor, queries: Tensor) -> None:
+        self.videos, self.queries = videos, queries
+
+    def encode_videos(self, rows: slice) -> Tensor:
+        return self.videos[rows]
+
+    def encode_queries(self, rows: slice) -> Tensor:
+        return self.queries[rows]
+
+
+def test_evaluation_scores_moments_chunk_by_chunk_of_queries_as_all_at_once() -> None:
+    from stages.evaluate.evaluator import EvalConfig, evaluate_encoder
+
+    generator = torch.Generator().manual_seed(5)
+    encoder = _Units(torch.randn(30, 3, 8, generator=generator), torch.randn(25, 8, generator=generator))
+    gt_video = torch.randint(0, 30, (25,), generator=generator)
+    durations = 10 + 20 * torch.rand(30, generator=generator)
+    starts = 10 * torch.rand(25, generator=generator)
+    gt_windows = [torch.tensor([[float(s), float(s) + 5.0]]) for s in starts]
+    results = []
+    for budget in (512.0, 0.5):  # 0.5 MB: two queries' predictions per chunk
+        config = EvalConfig(scoring=ScoringConfig(budget, device="cpu"), measure_efficiency=False)
+        videos, queries = [slice(i, i + 7) for i in range(0, 30, 7)], [slice(i, i + 10) for i in range(0, 25, 10)]
+        results.append(evaluate_encoder(encoder, videos, queries, gt_video, config, durations, gt_windows))
+    assert results[0]["moments"] == results[1]["moments"] and results[0]["moments"]["num_queries"] == 25
+    assert any(value > 0 for key, value in results[0]["moments"].items() if key.endswith("r100"))

@@ -9,15 +9,12 @@ two CPU cores.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.dvc_project import REPO, dvc, init_project
+
 TINY = {
     "synth": {"train_videos": 8, "val_videos": 4, "test_videos": 4, "min_duration": 6.0, "max_duration": 8.0,
               "min_events": 3, "max_events": 3, "captions": [2, 3], "workers": 1},
@@ -30,48 +27,17 @@ TINY = {
 TINY_BASELINE = {"n_epoch": 1, "batch_size": 4, "hard_negative_start_epoch": 0, "max_es_cnt": 0}
 
 
-def _merge(target: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = value
-
-
-def _copy_tracked_tree(destination: Path) -> None:
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for name in filter(None, tracked.decode().split("\0")):
-        source = REPO / name
-        if source.is_file() and not name.startswith(("tests/", "benchmarks/")):
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
-
-
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
 def test_dvc_repro_runs_every_stage_then_has_nothing_to_do(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    _copy_tracked_tree(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    _merge(params, TINY)
-    for entry in params["baselines"].values():
-        if "train" in entry:
-            entry["train"].update(TINY_BASELINE)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    update = {
+        **TINY,
+        "baselines": {name: {"train": TINY_BASELINE} for name, e in params["baselines"].items() if "train" in e},
+    }
+    init_project(repo, update)
     models = ["propy", *params["baselines"]]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost",
-           "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@localhost"}  # fmt: skip
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "tiny"], repo, env)
 
-    _run([str(Path(bin_dir) / "dvc"), "repro"], repo, env)
+    dvc(repo, "repro")
 
     for model in models:
         metrics = json.loads((repo / "metrics" / "synthetic" / f"{model}.json").read_text())
@@ -80,9 +46,9 @@ def test_dvc_repro_runs_every_stage_then_has_nothing_to_do(tmp_path: Path) -> No
     report = (repo / "reports" / "synthetic.md").read_text()
     assert all(f"| `{model}` |" in report for model in models)
     assert (repo / "metrics/synthetic/propy_history.tsv").read_text().startswith("epoch")
-    assert "up to date" in _run([str(Path(bin_dir) / "dvc"), "repro"], repo, env)
+    assert "up to date" in dvc(repo, "repro")
     figures = sorted(path.name for path in (repo / "figures" / "synthetic").glob("*.png"))
     assert {"training_curves.png", "efficiency_tradeoff.png", "propy_selected_events.png"} <= set(figures)
-    _run([str(Path(bin_dir) / "dvc"), "plots", "show"], repo, env)
+    dvc(repo, "plots", "show")
     page = (repo / "dvc_plots" / "index.html").read_text()
     assert page.count("<img ") == len(figures) and "<script" not in page  # every figure, nothing to download

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,9 +115,19 @@ def test_prepare_reads_durations_and_merges_qvhighlights_sources(base: BaseConfi
 def test_params_yaml_prepare_section_is_a_valid_config() -> None:
     section = yaml.safe_load((REPO / "params.yaml").read_text())["prepare"]
     cfg = config_from_dict(PrepareConfig, section, "params.yaml:prepare")
-    assert cfg == PrepareConfig()
+    assert cfg == replace(PrepareConfig(), annotation_dir="data/synthetic/annotations")
+    dvc_prepare = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    assert "${prepare.annotation_dir}" in dvc_prepare["deps"]  # DVC tracks the folder of the dataset's files
     with pytest.raises(PipelineError, match="format 'msrvtt' is not one of"):
         config_from_dict(PrepareConfig, {"format": "msrvtt"}, "params.yaml:prepare")
+
+
+def test_files_outside_the_tracked_folder_are_refused(base: BaseConfig, bad_files: dict[str, str]) -> None:
+    inside = PrepareConfig(files={"train": str(SAMPLES / "tvr_sample_release.jsonl")}, annotation_dir=str(SAMPLES))
+    assert len(run_prepare(base, inside).queries) == 3
+    outside = replace(inside, files={"train": bad_files["train"]})
+    with pytest.raises(PipelineError, match=r"prepare.files.train .* is not inside prepare.annotation_dir"):
+        run_prepare(base, outside)
 
 
 def run_cli(tmp_path: Path, files: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -134,7 +145,7 @@ def test_cli_reports_bad_lines_without_a_traceback_and_drops_them_on_request(
 ) -> None:
     failed = run_cli(tmp_path, bad_files)
     assert failed.returncode == 1
-    assert failed.stderr.startswith("Error: 3 bad annotation line(s)") and "Traceback" not in failed.stderr
+    assert "\nError: 3 bad annotation line(s)" in "\n" + failed.stderr and "Traceback" not in failed.stderr
     assert f"{bad_files['train']}:4:" in failed.stderr and f"{bad_files['val']}:2:" in failed.stderr
     dropped = run_cli(tmp_path, bad_files, "-s", "drop_bad_lines=true")
     assert dropped.returncode == 0, dropped.stderr

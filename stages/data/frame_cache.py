@@ -178,7 +178,8 @@ def publish_video(staged: Path, cache_path: str | Path, video_id: str) -> None:
 class FrameCache:
     """Reader of the frame cache. Holds no open file or thread, so it pickles and survives fork (DataLoader workers).
 
-    Array metadata is cached on first use: open a new reader after the cache was rewritten.
+    Each video's frame count and shard layout are cached on first use (about 200 bytes, so a reader of a 100K-video
+    cache stays small; the attributes are read from disk when asked): open a new reader after the cache was rewritten.
 
     Frames are read straight from each video's shard file as the zarr v3 sharding spec lays it out: one `pread` of
     the shard index, one read per run of consecutive wanted frames, and each frame decoded (zstd or JPEG) straight
@@ -190,8 +191,8 @@ class FrameCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._metadata: dict[str, dict[str, Any]] = {}
-        self._shards: dict[str, _ShardReader | None] = {}
+        # video -> (frame count, frame shape, shard reader or None): about 200 bytes a video
+        self._layouts: dict[str, tuple[int, tuple[int, ...], _ShardReader | None]] = {}
         self._local = threading.local()  # each thread's read buffer
 
     def __getstate__(self) -> dict[str, Any]:
@@ -218,7 +219,7 @@ class FrameCache:
 
     def num_frames(self, video_id: str) -> int:
         """Number of cached frames of a video."""
-        return int(self._meta(video_id)["shape"][0])
+        return self._layout(video_id)[0]
 
     def attrs(self, video_id: str) -> dict:
         """Provenance attributes of a video (fps, source fingerprint, decoder, resize policy, codec, ...)."""
@@ -226,7 +227,7 @@ class FrameCache:
 
     def frame_shape(self, video_id: str) -> tuple[int, ...]:
         """The shape of one frame, (S, S, 3)."""
-        return tuple(self._meta(video_id)["shape"][1:])
+        return self._layout(video_id)[1]
 
     def codec(self, video_id: str) -> str:
         """How the video's frames are stored: `zstd`, `jpeg`, `raw`, or `other` (read through zarr-python)."""
@@ -276,9 +277,7 @@ class FrameCache:
         return wanted
 
     def _shard(self, video_id: str) -> _ShardReader | None:
-        if video_id not in self._shards:
-            self._shards[video_id] = _ShardReader.for_array(self.path / video_id, self._meta(video_id))
-        return self._shards[video_id]
+        return self._layout(video_id)[2]
 
     def _buffer(self, nbytes: int) -> memoryview:
         """This thread's read buffer, at least `nbytes` long (grown as needed, reused between reads)."""
@@ -287,16 +286,21 @@ class FrameCache:
             buffer = self._local.buffer = bytearray(max(nbytes, 1 << 20))
         return memoryview(buffer)[:nbytes]
 
+    def _layout(self, video_id: str) -> tuple[int, tuple[int, ...], _ShardReader | None]:
+        layout = self._layouts.get(video_id)
+        if layout is None:
+            meta = self._meta(video_id)
+            shard = _ShardReader.for_array(self.path / video_id, meta)
+            layout = self._layouts[video_id] = (int(meta["shape"][0]), tuple(meta["shape"][1:]), shard)
+        return layout
+
     def _meta(self, video_id: str) -> dict[str, Any]:
-        meta = self._metadata.get(video_id)
-        if meta is None:
-            path = self.path / video_id / "zarr.json"
-            if not path.is_file():
-                raise PipelineError(
-                    f"video {video_id!r} is not in the frame cache {self.path}; run `python pipeline.py decode`"
-                )
-            meta = self._metadata[video_id] = json.loads(path.read_text())
-        return meta
+        path = self.path / video_id / "zarr.json"
+        if not path.is_file():
+            raise PipelineError(
+                f"video {video_id!r} is not in the frame cache {self.path}; run `python pipeline.py decode`"
+            )
+        return json.loads(path.read_text())
 
 
 _EMPTY_CHUNK = np.iinfo(np.uint64).max

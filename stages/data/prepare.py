@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.data.config import BaseConfig
+from stages.data.config import REPLACED_WHEN_LAYERED, BaseConfig
 from stages.data.converters import FORMATS, BadLine, Conversion, convert, read_durations
 from stages.data.errors import PipelineError
 from stages.data.schema import Query, write_queries
@@ -33,12 +33,15 @@ class PrepareConfig:
     """The `prepare` section: which native files to convert and how."""
 
     format: str = "tvr"  # a key of converters.FORMATS: tvr, propy, qvhighlights, activitynet, charades, mscaption
-    files: dict[str, str] = field(default_factory=lambda: dict(SYNTHETIC_FILES))  # split -> native file, in order
+    files: dict[str, str] = field(  # split -> native file, in order (a later params file replaces the whole map)
+        default_factory=lambda: dict(SYNTHETIC_FILES), metadata=REPLACED_WHEN_LAYERED
+    )
     durations: tuple[str, ...] = ()  # charades / mscaption: CSV tables of video durations (Charades_v1_*.csv)
     duration_columns: tuple[str, str] = ("id", "length")  # the video id and duration (seconds) columns of those
     merge_sources: bool = False  # qvhighlights: the PRVR re-split, one video per source (converters.merge_sources)
     moment_tolerance: float = 0.0  # moments overrunning [0, duration] by at most this (seconds) are clipped
     drop_bad_lines: bool = False  # drop malformed lines (listed in annotations.dropped.jsonl) instead of failing
+    annotation_dir: str | None = None  # the folder dvc.yaml's prepare stage tracks: files and durations must be in it
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -64,6 +67,7 @@ def run_prepare(base: BaseConfig, cfg: PrepareConfig) -> Conversion:
 
     Returns the written queries and the dropped lines.
     """
+    check_tracked(cfg)
     durations, bad_rows = None, []
     if cfg.durations:
         durations, bad_rows = read_durations(cfg.durations, *cfg.duration_columns)
@@ -84,6 +88,24 @@ def run_prepare(base: BaseConfig, cfg: PrepareConfig) -> Conversion:
     for line in _summary(conversion.queries):
         print(f"  {line}")
     return conversion
+
+
+def check_tracked(cfg: PrepareConfig) -> None:
+    """With `annotation_dir` set (as under DVC, whose `prepare` stage depends on that folder), every native file
+    must lie inside it: a file elsewhere could change without `dvc repro` noticing."""
+    if cfg.annotation_dir is None:
+        return
+    folder = Path(cfg.annotation_dir).resolve()
+    named = [(f"files.{split}", path) for split, path in cfg.files.items()]
+    named += [(f"durations[{i}]", path) for i, path in enumerate(cfg.durations)]
+    outside = [(key, path) for key, path in named if not Path(path).resolve().is_relative_to(folder)]
+    if outside:
+        key, path = outside[0]
+        raise PipelineError(
+            f"prepare.{key} {path!r} is not inside prepare.annotation_dir {cfg.annotation_dir!r}, the folder that "
+            f"DVC tracks for the prepare stage ({len(outside)} such file(s)); move the files there or set "
+            "prepare.annotation_dir to the folder that holds them"
+        )
 
 
 def _write_text(path: Path, text: str | None) -> None:

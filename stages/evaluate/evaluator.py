@@ -20,21 +20,21 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from stages.data.errors import PipelineError
 from stages.data.files import atomic_write_text
+from stages.data.progress import progress_bar
 from stages.data.schema import Query
 from stages.evaluate.efficiency import EfficiencyConfig, bytes_per_video, parameter_counts, probe_latency
 from stages.evaluate.metrics import BootstrapConfig, ground_truth_digest, prvr_metrics_from_ranks
-from stages.evaluate.moments import MomentConfig, moment_recalls, predict_moments
+from stages.evaluate.moments import MomentConfig, moment_hit_counts, predict_moments
 from stages.evaluate.retrieval import ScoreFn, ScoringConfig, rank_ground_truth, resolve_device
 
 SIGNIFICANT_DIGITS = 6
@@ -190,12 +190,24 @@ def _moment_metrics(
     scored = [i for i, w in enumerate(gt_windows) if w.numel() > 0]
     if not scored:
         return {"num_queries": 0}
-    index = torch.tensor(scored, dtype=torch.long)
-    predictions = predict_moments(
-        queries[index.to(queries.device)], videos, windows, durations, config.moments, config.scoring
-    )
-    recalls = moment_recalls(predictions, gt_video[index], [gt_windows[i] for i in scored], config.moments)
-    return {"num_queries": len(scored), **recalls}
+    hits: dict[str, int] = {}
+    chunk = _moment_chunk(config)  # every query's predictions at once would take Nq x max_per_query x 48 bytes
+    for start in range(0, len(scored), chunk):
+        rows = scored[start : start + chunk]
+        index = torch.tensor(rows, dtype=torch.long)
+        predictions = predict_moments(
+            queries[index.to(queries.device)], videos, windows, durations, config.moments, config.scoring
+        )
+        counts = moment_hit_counts(predictions, gt_video[index], [gt_windows[i] for i in rows], config.moments)
+        hits = {key: hits.get(key, 0) + count for key, count in counts.items()}
+    return {"num_queries": len(scored), **{key: 100.0 * count / len(scored) for key, count in hits.items()}}
+
+
+def _moment_chunk(config: EvalConfig) -> int:
+    """Queries whose moment predictions (`max_per_query` of video, start, end, score and indices, about 48 bytes
+    each, on the CPU) fill a quarter of the scoring memory budget."""
+    per_query = 48 * config.moments.max_per_query
+    return max(1, int(config.scoring.memory_budget_mb * 2**20 / 4 // per_query))
 
 
 def _efficiency(
@@ -223,28 +235,38 @@ def _efficiency(
 def encode_batches(
     encode: Callable[[Any], Tensor], batches: Iterable[Any], device: torch.device, what: str, ndim: int = 2
 ) -> tuple[Tensor, Any, int]:
-    """The encoder's outputs over all batches concatenated on `device`, the first batch and its size.
+    """The encoder's outputs over all batches as one tensor on `device`, the first batch and its size.
 
-    Every batch must give the same per-item shape.
+    Every batch must give the same per-item shape. When the number of batches is known (a DataLoader, a list), the
+    outputs go into one buffer sized from the first batch, so the corpus is never held twice (a list, then its cat).
     """
-    outputs: list[Tensor] = []
-    first_batch = None
-    for number, batch in enumerate(tqdm(batches, desc=f"encoding {what}", unit="batch", leave=False)):
+    count = len(batches) if isinstance(batches, Sized) else 0
+    parts: list[Tensor] = []
+    buffer, filled = None, 0
+    first_batch, first_size, item_shape = None, 0, None
+    for number, batch in enumerate(progress_bar(batches, desc=f"encoding {what}", unit="batch", leave=False)):
         output = encode(batch)
         if not isinstance(output, Tensor) or output.ndim != ndim:
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise PipelineError(f"encoding {what}: batch #{number} gave {shape}, expected a {ndim}-D tensor")
-        if outputs and output.shape[1:] != outputs[0].shape[1:]:
+        if item_shape is None:
+            first_batch, first_size, item_shape = batch, output.shape[0], output.shape[1:]
+            if count:
+                buffer = output.new_empty((count * first_size, *item_shape), device=device)
+        elif output.shape[1:] != item_shape:
             raise PipelineError(
                 f"encoding {what}: batch #{number} gave per-item shape {tuple(output.shape[1:])}, earlier batches "
-                f"{tuple(outputs[0].shape[1:])}; pad to one fixed shape"
+                f"{tuple(item_shape)}; pad to one fixed shape"
             )
-        if not outputs:
-            first_batch = batch
-        outputs.append(output.to(device))
-    if not outputs:
+        if buffer is not None and not parts and filled + output.shape[0] <= buffer.shape[0]:
+            buffer[filled : filled + output.shape[0]] = output
+            filled += output.shape[0]
+        else:
+            parts.append(output.to(device))
+    if item_shape is None:
         raise PipelineError(f"no {what} to evaluate: the batch iterable was empty")
-    return torch.cat(outputs), first_batch, outputs[0].shape[0]
+    head = [] if buffer is None else [buffer[:filled]]
+    return (head[0] if not parts else torch.cat([*head, *parts])), first_batch, first_size
 
 
 @contextlib.contextmanager

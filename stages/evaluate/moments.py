@@ -125,6 +125,16 @@ def moment_recalls(
     num_queries = predictions.video.shape[0]
     if num_queries == 0:
         raise PipelineError("cannot compute moment recalls of zero queries")
+    hits = moment_hit_counts(predictions, gt_video, gt_windows, config)
+    return {key: 100.0 * count / num_queries for key, count in hits.items()}
+
+
+def moment_hit_counts(
+    predictions: MomentPredictions, gt_video: Tensor, gt_windows: Sequence[Tensor], config: MomentConfig
+) -> dict[str, int]:
+    """Queries with a hit among the first k predictions, keyed "<iou>-r<k>" (summed over chunks of queries, these
+    give the recalls of all of them without holding every query's predictions at once)."""
+    num_queries = predictions.video.shape[0]
     if len(gt_windows) != num_queries or gt_video.numel() != num_queries:
         raise PipelineError(
             f"{num_queries} queries with predictions but {gt_video.numel()} ground-truth videos and "
@@ -133,12 +143,12 @@ def moment_recalls(
     empty = [i for i, w in enumerate(gt_windows) if w.numel() == 0]
     if empty:
         raise PipelineError(f"query #{empty[0]} (and {len(empty) - 1} more) has no ground-truth moment to score")
-    metrics = {}
+    counts = {}
     for threshold in config.iou_thresholds:
         hits = moment_hits(predictions, gt_video, gt_windows, threshold, config.max_scored)
         for k in config.recall_ks:
-            metrics[f"{threshold}-r{k}"] = 100.0 * int(hits[:, :k].any(dim=1).sum()) / num_queries
-    return metrics
+            counts[f"{threshold}-r{k}"] = int(hits[:, :k].any(dim=1).sum())
+    return counts
 
 
 def _check_inputs(units: Tensor, unit_windows: Tensor, durations: Tensor) -> tuple[Tensor, Tensor]:

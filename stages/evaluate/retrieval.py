@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from stages.data.device import resolve_device
 from stages.data.errors import PipelineError
+from stages.data.progress import progress_bar
 from stages.evaluate.metrics import gt_ranks
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -111,7 +111,9 @@ def iter_tile_blocks(
         num_queries, num_videos, tuple(videos.shape[1:]), config.memory_budget_mb, width
     )
     starts = range(0, num_queries, query_chunk)
-    for start in tqdm(starts, desc="scoring", unit="block", leave=False, disable=not progress or len(starts) < 2):
+    for start in progress_bar(
+        starts, desc="scoring", unit="block", leave=False, disable=not progress or len(starts) < 2
+    ):
         rows = slice(start, min(start + query_chunk, num_queries))
         query_block = queries[rows].to(device)
         values = torch.empty(query_block.shape[0], num_videos, width, device=device)

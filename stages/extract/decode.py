@@ -9,8 +9,14 @@ One dask task decodes and writes one video (one writer per shard); with `schedul
 this package installed and see the same paths. Inside the task the decoder runs in a forked child process with a
 hard timeout, so a hanging or crashing decoder costs one video, never the worker. A video is moved into the cache
 only when complete; a re-run skips videos whose stored settings and source file are unchanged, so killing the
-stage at any moment and running it again finishes only the remaining videos. Failures go to
-`cache/<dataset>/decode_failures.jsonl`, and the stage fails when there are more than `max_failures`.
+stage at any moment and running it again finishes only the remaining videos. Failures (a missing file included) go
+to `cache/<dataset>/decode_failures.jsonl` with their reasons, and the stage fails when there are more than
+`max_failures`; the videos it stored are the available set that every later stage uses (`stages.data.available`).
+
+A merged video of the QVHighlights PRVR re-split (`prepare.merge_sources: true`, annotations with `parts`) has no
+file of its own: its clips are decoded one after the other into one array, on one grid of frame times, so frame i
+shows time i / fps of the timeline the moments are on; each clip's place and provenance are in the array's `parts`
+attribute.
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ import os
 import select
 import shutil
 import signal
+import sys
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
+from stages.data.available import Failure, failures_path, write_failures
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
-from stages.data.files import atomic_write_text, file_sha256
+from stages.data.files import file_sha256
 from stages.data.frame_cache import (
     FrameCache,
     FrameStorage,
@@ -40,8 +50,18 @@ from stages.data.frame_cache import (
     staging_dir,
     write_video,
 )
-from stages.data.schema import read_queries
-from stages.data.video_io import RESIZE_POLICY, Decoder, decode_video, decoder_version, uniform_cap
+from stages.data.progress import progress_bar
+from stages.data.schema import VideoPart, read_queries
+from stages.data.video_io import (
+    RESIZE_POLICY,
+    DecodedVideo,
+    Decoder,
+    decode_video,
+    decoder_version,
+    frames_on_ticks,
+    tick_range,
+    uniform_cap,
+)
 from stages.extract.cluster import dask_client
 
 
@@ -88,13 +108,24 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True)
+class ClipSource:
+    """One clip of a merged video (`prepare.merge_sources`): its file and where it plays on the merged timeline."""
+
+    video_id: str
+    path: str  # absolute
+    offset: float  # seconds from the merged video's start
+    duration: float  # seconds, as the annotations give it
+
+
+@dataclass(frozen=True)
 class DecodeJob:
     """One video to decode: where it is and where it goes (absolute paths, so remote workers can run it)."""
 
     video_id: str
-    source: str
+    source: str  # the file; for a merged video, its clips' files joined by " + "
     cache_path: str
     config: DecodeConfig
+    clips: tuple[ClipSource, ...] = ()  # a merged video's clips in order (empty for an ordinary video)
 
 
 @dataclass(frozen=True)
@@ -112,97 +143,116 @@ class DecodeSummary:
     """The result of a run."""
 
     decoded: list[str]
-    skipped: list[str]
-    failures: list[DecodeOutcome]
-
-
-def failures_path(base: BaseConfig) -> Path:
-    """The failure manifest of the dataset (`cache/<dataset>/decode_failures.jsonl`)."""
-    return base.dataset_cache / "decode_failures.jsonl"
+    skipped: list[str]  # already cached with these settings (`source_gone` included)
+    failures: list[DecodeOutcome]  # missing files included; all of them are in the failure manifest
+    source_gone: list[str] = field(default_factory=list)  # cached with these settings, file gone: frames kept
 
 
 def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
-    """Decode every video of the prepared annotations that is not already cached with the same settings."""
+    """Decode every annotated video that is not already cached with the same settings.
+
+    A missing file is a failure like an unreadable one (in the manifest, counted against `max_failures`), unless
+    the video is already cached with these settings: then its cached frames are kept.
+    """
     queries = read_queries(base.annotations_path)
-    video_ids = sorted({query.video_id for query in queries})
-    merged = {q.video_id: [part.video_id for part in q.parts] for q in queries if q.parts}
-    sources = find_videos(video_ids, Path(config.video_dir), config.extensions, merged)
+    videos = dict(sorted({query.video_id: query.parts for query in queries}.items()))
+    video_dir = Path(config.video_dir)
+    if not video_dir.is_dir():
+        raise PipelineError(
+            f"decode.video_dir {str(video_dir)!r} does not exist (relative paths start at {Path.cwd()}); "
+            "set it to the folder that holds the videos"
+        )
+    sources, missing = find_sources(videos, video_dir, config.extensions)
     cache_path = base.frames_path.resolve()
     ensure_cache(cache_path)
     cache = FrameCache(cache_path)
-    skipped = [vid for vid in video_ids if is_up_to_date(cache, vid, sources[vid], config)]
-    jobs = [
-        DecodeJob(vid, str(sources[vid].resolve()), str(cache_path), config) for vid in video_ids if vid not in skipped
-    ]
-    outcomes = _run_jobs(jobs, config, done_before=len(skipped)) if jobs else []
+    gone = [vid for vid in missing if vid in cache and cache.attrs(vid).get("settings") == _settings(config)]
+    failed = [DecodeOutcome(vid, path, reason=reason) for vid, (path, reason) in missing.items() if vid not in gone]
+    skipped = [vid for vid, paths in sources.items() if is_up_to_date(cache, vid, paths, config)]
+    jobs = [_job(vid, paths, videos[vid], cache_path, config) for vid, paths in sources.items() if vid not in skipped]
+    outcomes = _run_jobs(jobs, config, done_before=len(skipped) + len(gone)) if jobs else []
     with contextlib.suppress(OSError):  # the staging folder is empty unless a worker was killed mid-write
         staging_dir(cache_path).rmdir()
-    failures = [outcome for outcome in outcomes if outcome.reason is not None]
-    _write_failures(failures_path(base), failures)
+    failures = sorted(failed + [o for o in outcomes if o.reason is not None], key=lambda o: o.video_id)
+    write_failures(failures_path(base), [Failure(f.video_id, f.source, f.reason or "") for f in failures])
+    if gone:
+        print(f"decode: {len(gone)} cached video(s) have no file any more, e.g. {gone[:3]}: kept", file=sys.stderr)
     if len(failures) > config.max_failures:
         listed = "; ".join(f"{f.video_id}: {f.reason}" for f in failures[:5])
+        hint = " (check decode.video_dir and decode.extensions)" if failed else ""
         raise PipelineError(
             f"{len(failures)} video(s) could not be decoded (max_failures={config.max_failures}), listed in "
-            f"{failures_path(base)}: {listed}{' ...' if len(failures) > 5 else ''}. Fix or remove them, or raise "
-            "decode.max_failures; the decoded videos are kept"
+            f"{failures_path(base)}: {listed}{' ...' if len(failures) > 5 else ''}{hint}. Fix or remove them, or "
+            "raise decode.max_failures to go on without them; the decoded videos are kept"
         )
     decoded = [outcome.video_id for outcome in outcomes if outcome.reason is None]
-    return DecodeSummary(decoded=decoded, skipped=skipped, failures=failures)
+    return DecodeSummary(decoded=decoded, skipped=skipped + gone, failures=failures, source_gone=gone)
 
 
-def find_videos(
-    video_ids: list[str],
-    video_dir: Path,
-    extensions: tuple[str, ...],
-    merged: Mapping[str, list[str]] | None = None,
-) -> dict[str, Path]:
-    """The file of every video id (first extension that exists); a missing file is a PipelineError.
+def find_sources(
+    videos: Mapping[str, Sequence[VideoPart]], video_dir: Path, extensions: tuple[str, ...]
+) -> tuple[dict[str, list[Path]], dict[str, tuple[str, str]]]:
+    """The files of every video (its own, or for a merged video each clip's), the first extension that exists.
 
-    `merged` maps the ids of videos that `prepare.merge_sources` made from several clips to those clips: such a
-    video has a file only once the user concatenated its clips, and the error says so.
+    Returns the videos whose files were all found (id -> files, in order) and the others (id -> (the path looked
+    for, the reason)).
     """
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for vid in video_ids:
-        candidates = [video_dir / f"{vid}.{ext.lstrip('.')}" for ext in extensions]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            missing.append(str(candidates[0]))
+    tried = f"extensions tried: {list(extensions)}"
+    found: dict[str, list[Path]] = {}
+    missing: dict[str, tuple[str, str]] = {}
+    for vid, parts in videos.items():
+        names = [part.video_id for part in parts] or [vid]
+        paths = {name: _find(video_dir, name, extensions) for name in names}
+        absent = [str(video_dir / f"{name}.{extensions[0].lstrip('.')}") for name, path in paths.items() if not path]
+        if not absent:
+            found[vid] = [paths[name] for name in names]
+        elif parts:
+            reason = f"file not found: {len(absent)} of its {len(names)} clips, e.g. {absent[0]} ({tried})"
+            missing[vid] = (" + ".join(absent), reason)
         else:
-            found[vid] = path
-    unmerged = sorted(vid for vid in (merged or {}) if vid not in found)
-    if unmerged:
-        raise PipelineError(
-            f"{len(unmerged)} video(s) are merged from several clips by prepare.merge_sources (e.g. {unmerged[0]!r} = "
-            f"{merged[unmerged[0]]}) and decode does not concatenate clips yet: concatenate each group into "
-            "<video_dir>/<merged id>.mp4 (ffmpeg's concat demuxer, in the listed order) or set "
-            "prepare.merge_sources false"
-        )
-    if missing:
-        raise PipelineError(
-            f"{len(missing)} annotated video(s) not found (extensions tried: {list(extensions)}): "
-            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; check decode.video_dir and "
-            "decode.extensions"
-        )
-    return found
+            missing[vid] = (absent[0], f"file not found ({tried})")
+    return found, missing
 
 
-def is_up_to_date(cache: FrameCache, video_id: str, source: Path, config: DecodeConfig) -> bool:
-    """Whether the cached video was made with `config`'s settings from the same file.
+def _find(video_dir: Path, name: str, extensions: tuple[str, ...]) -> Path | None:
+    """`<video_dir>/<name>.<ext>` for the first extension that exists."""
+    return next((c for ext in extensions if (c := video_dir / f"{name}.{ext.lstrip('.')}").is_file()), None)
 
-    The file is the same when its size and mtime match the recorded ones or, if only the mtime changed (a copy,
+
+def _job(vid: str, paths: list[Path], parts: Sequence[VideoPart], cache_path: Path, config: DecodeConfig) -> DecodeJob:
+    files = [str(path.resolve()) for path in paths]
+    if not parts:
+        return DecodeJob(vid, files[0], str(cache_path), config)
+    clips = tuple(ClipSource(p.video_id, f, p.offset, p.duration) for p, f in zip(parts, files, strict=True))
+    return DecodeJob(vid, " + ".join(files), str(cache_path), config, clips)
+
+
+def _settings(config: DecodeConfig) -> dict[str, Any]:
+    """The settings as the cached attributes hold them (after a JSON round trip)."""
+    return json.loads(json.dumps(config.settings()))
+
+
+def is_up_to_date(cache: FrameCache, video_id: str, sources: Path | Sequence[Path], config: DecodeConfig) -> bool:
+    """Whether the cached video was made with `config`'s settings from the same file (a merged video: clips).
+
+    A file is the same when its size and mtime match the recorded ones or, if only the mtime changed (a copy,
     a checkout), when its sha256 does.
     """
     if video_id not in cache:
         return False
     attrs = cache.attrs(video_id)
-    if attrs.get("settings") != json.loads(json.dumps(config.settings())):
+    if attrs.get("settings") != _settings(config):
         return False
-    recorded = attrs.get("source", {})
-    stat = source.stat()
+    paths = [sources] if isinstance(sources, Path) else list(sources)
+    recorded = [part.get("source", {}) for part in attrs["parts"]] if "parts" in attrs else [attrs.get("source", {})]
+    return len(recorded) == len(paths) and all(_same_file(p, r) for p, r in zip(paths, recorded, strict=True))
+
+
+def _same_file(path: Path, recorded: dict[str, Any]) -> bool:
+    stat = path.stat()
     if recorded.get("size") != stat.st_size:
         return False
-    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == file_sha256(source)
+    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == file_sha256(path)
 
 
 def decode_task(job: DecodeJob) -> DecodeOutcome:
@@ -240,27 +290,20 @@ def decode_task(job: DecodeJob) -> DecodeOutcome:
 def _decode_and_publish(job: DecodeJob, staged: Path) -> int:
     """Decode, write under the staging folder, move into the cache; returns the number of frames."""
     config = job.config
-    source = Path(job.source)
-    stat = source.stat()
-    if stat.st_size == 0:
-        raise ValueError("empty file")
-    decoded = decode_video(source, config.fps, config.size, config.decoder)
-    frames = decoded.frames[uniform_cap(len(decoded.frames), config.max_frames)]
+    if job.clips:
+        frames, parts = _decode_clips(job)
+        provenance: dict[str, Any] = {"parts": parts}
+    else:
+        source = Path(job.source)
+        decoded = _decode_file(source, config)
+        frames, provenance = decoded.frames, {"source": _fingerprint(source, decoded)}
+    kept = frames[uniform_cap(len(frames), config.max_frames)]
     attributes = {
         "video_id": job.video_id,
         "fps": config.fps,
-        "frame_count": len(frames),
-        "frames_at_fps": len(decoded.frames),
-        "source": {
-            "path": str(source),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "sha256": file_sha256(source),
-            "frames": decoded.source_frames,
-            "width": decoded.source_size[0],
-            "height": decoded.source_size[1],
-            "duration": decoded.duration,
-        },
+        "frame_count": len(kept),
+        "frames_at_fps": len(frames),
+        **provenance,
         "decoder": decoder_version(config.decoder),
         "resize": RESIZE_POLICY.format(size=config.size),
         "codec": config.storage.describe(),
@@ -268,8 +311,60 @@ def _decode_and_publish(job: DecodeJob, staged: Path) -> int:
         "settings": config.settings(),
         "complete": True,
     }
-    publish_video(write_video(staged, frames, attributes, config.storage), job.cache_path, job.video_id)
-    return len(frames)
+    publish_video(write_video(staged, kept, attributes, config.storage), job.cache_path, job.video_id)
+    return len(kept)
+
+
+def _decode_file(path: Path, config: DecodeConfig, offset: float = 0.0, duration: float | None = None) -> DecodedVideo:
+    """One file at the stage's settings (a clip: from `offset` on the merged timeline, for `duration` seconds)."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
+    return decode_video(path, config.fps, config.size, config.decoder, offset, duration)
+
+
+def _decode_clips(job: DecodeJob) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """A merged video's clips decoded in order onto one grid of ticks (frame i shows time i / fps of the merged
+    timeline, the one `prepare` put the moments on), and each clip's place and provenance."""
+    pieces, parts = [], []
+    next_frame = 0
+    for clip in job.clips:
+        path = Path(clip.path)
+        try:
+            decoded = _decode_file(path, job.config, clip.offset, clip.duration)
+        except Exception as exc:  # noqa: BLE001 - the reason names the clip
+            raise ValueError(f"clip {clip.video_id} ({path}): {type(exc).__name__}: {exc}") from exc
+        first, stop = tick_range(clip.offset, clip.duration, job.config.fps)
+        if first != next_frame:
+            raise ValueError(f"clip {clip.video_id} starts at {clip.offset:g} s, not where the clip before it ends")
+        pieces.append(frames_on_ticks(decoded, first, stop))
+        parts.append(
+            {
+                "video_id": clip.video_id,
+                "offset": clip.offset,
+                "duration": clip.duration,
+                "first_frame": first,
+                "frame_count": stop - first,
+                "decoded_frames": len(decoded.frames),
+                "source": _fingerprint(path, decoded),
+            }
+        )
+        next_frame = stop
+    return np.concatenate(pieces), parts
+
+
+def _fingerprint(path: Path, decoded: DecodedVideo) -> dict[str, Any]:
+    """What identifies a source file (for re-runs) and what it looked like."""
+    stat = path.stat()
+    return {
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": file_sha256(path),
+        "frames": decoded.source_frames,
+        "width": decoded.source_size[0],
+        "height": decoded.source_size[1],
+        "duration": decoded.duration,
+    }
 
 
 def _read_report(fd: int, deadline: float) -> dict | None:
@@ -294,14 +389,13 @@ def _describe_status(status: int) -> str:
 def _run_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int) -> list[DecodeOutcome]:
     """Run the jobs on dask, one task per video, with a progress bar of done, failed and remaining videos."""
     from dask.distributed import as_completed
-    from tqdm import tqdm
 
     outcomes = []
     with dask_client(config.workers, config.scheduler_address) as client:
         run = uuid.uuid4().hex[:8]
         futures = client.map(decode_task, jobs, key=[f"decode-{run}-{job.video_id}" for job in jobs])
         by_key = {future.key: job for future, job in zip(futures, jobs, strict=True)}
-        with tqdm(total=done_before + len(jobs), initial=done_before, desc="decode", unit="video") as bar:
+        with progress_bar(total=done_before + len(jobs), initial=done_before, desc="decode", unit="video") as bar:
             for future in as_completed(futures):
                 job = by_key[future.key]
                 try:
@@ -312,10 +406,3 @@ def _run_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int) -> 
                 bar.update()
                 bar.set_postfix(failed=sum(o.reason is not None for o in outcomes))
     return outcomes
-
-
-def _write_failures(path: Path, failures: list[DecodeOutcome]) -> None:
-    """Write the failure manifest atomically (an empty file when every video decoded)."""
-    ordered = sorted(failures, key=lambda f: f.video_id)
-    records = [{"video_id": f.video_id, "path": f.source, "reason": f.reason} for f in ordered]
-    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -1,13 +1,14 @@
-"""CLIP feature extraction: the frozen CLIP over every cached frame and every query, into the HDF5 feature store.
+"""CLIP feature extraction: the frozen CLIP over the frames and queries of every available video, into HDF5.
 
     python pipeline.py features                 # GPU in-process when there is one, else dask worker processes
     python pipeline.py features -s workers=4 -s scheduler_address=tcp://host:8786
     dvc repro features
 
 Writes `cache/<dataset>/clip_<arch>.h5` (see `stages.data.feature_store`): `/video/<id>` [T, E] projected [CLS]
-features of every cached frame, `/text/<query_id>` [L, E] last-layer token features SOT..EOT. The CLIP is the same
-weights file that ProPy uses (`base.clip_weights`). One writer (this process) per file; a re-run skips entries
-already written, so an interrupted run resumes where it stopped.
+features of every cached frame, `/text/<query_id>` [L, E] last-layer token features SOT..EOT, for the videos `decode`
+stored and their queries (the available set, `stages.data.available`). The CLIP is the same weights file that ProPy
+uses (`base.clip_weights`). One writer (this process) per file; a re-run skips entries already written, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from stages.data.available import available_queries
 from stages.data.config import BaseConfig
+from stages.data.corpus import check_cached
 from stages.data.device import resolve_device
 from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStoreInfo, FeatureStoreWriter
 from stages.data.frame_cache import FrameCache
-from stages.data.schema import Query, read_queries
+from stages.data.progress import progress_bar
+from stages.data.schema import Query
 from stages.extract.cluster import dask_client
 from stages.models.clip_backbone import (
     file_sha256,
@@ -68,15 +71,12 @@ def run_features(base: BaseConfig, cfg: FeaturesConfig) -> Path:
         normalisation="none",
         arch=arch.name,
     )
+    available = available_queries(base)
+    available.log("features", "all splits")
+    check_cached(base, available)
     cache = FrameCache(base.frames_path)
-    queries = read_queries(base.annotations_path)
-    video_ids = sorted({q.video_id for q in queries})
-    missing_frames = [v for v in video_ids if v not in cache]
-    if missing_frames:
-        raise PipelineError(
-            f"{len(missing_frames)} annotated video(s) are not in the frame cache {base.frames_path} "
-            f"(e.g. {missing_frames[:3]}); run `python pipeline.py decode` (see its failure manifest)"
-        )
+    queries = available.queries
+    video_ids = sorted(available.video_ids)
     size = cache.read(video_ids[0], [0]).shape[1] if video_ids else arch.image_size
     if size != arch.image_size:
         raise PipelineError(
@@ -87,12 +87,16 @@ def run_features(base: BaseConfig, cfg: FeaturesConfig) -> Path:
     with FeatureStoreWriter(path, info, dtype=cfg.dtype) as store:
         todo_videos = [v for v in video_ids if not store.has("video", v)]
         todo_queries = [q for q in queries if not store.has("text", q.query_id)]
-        with tqdm(total=len(video_ids), initial=len(video_ids) - len(todo_videos), desc="features: videos") as bar:
+        with progress_bar(
+            total=len(video_ids), initial=len(video_ids) - len(todo_videos), desc="features: videos"
+        ) as bar:
             for video_id, features in _video_features(base, cfg, model, cache, todo_videos, device):
                 store.write("video", video_id, features)
                 bar.update()
         model = model.to(device)
-        with tqdm(total=len(queries), initial=len(queries) - len(todo_queries), desc="features: queries") as bar:
+        with progress_bar(
+            total=len(queries), initial=len(queries) - len(todo_queries), desc="features: queries"
+        ) as bar:
             for start in range(0, len(todo_queries), cfg.batch_queries):
                 batch = todo_queries[start : start + cfg.batch_queries]
                 for query, features in zip(batch, _query_features(model, batch, device), strict=True):

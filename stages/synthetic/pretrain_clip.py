@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from tqdm import tqdm
 
 from stages.data.config import BaseConfig
+from stages.data.progress import progress_bar
 from stages.evaluate.metrics import gt_ranks
 from stages.models.clip_backbone import ClipArch, normalize_frames, save_clip, tokenize
 from stages.synthetic.scenes import Sprite, background_pixels, describe_still, random_still, render
@@ -137,7 +137,7 @@ def train_clip(cfg: PretrainClipConfig, seed: int) -> tuple[CLIP, list[float]]:
     optimizer = build_adamw(model.named_parameters(), cfg.lr, cfg.weight_decay)
     schedule = WarmupCosine(cfg.lr, cfg.steps, cfg.warmup)
     losses = []
-    progress = tqdm(range(cfg.steps), desc="pretrain clip", unit="step")
+    progress = progress_bar(range(cfg.steps), desc="pretrain clip", unit="step")
     for step in progress:
         frames, texts = render_stills(rng, cfg.batch_size, cfg.arch.image_size, cfg)
         schedule.apply(optimizer, step)

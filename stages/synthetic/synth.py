@@ -25,10 +25,10 @@ from pathlib import Path
 
 import av
 import numpy as np
-from tqdm import tqdm
 
 from stages.data.config import BaseConfig
 from stages.data.files import atomic_write_text
+from stages.data.progress import progress_bar
 from stages.data.video_io import write_video as encode_video
 from stages.synthetic.scenes import (
     COLOURS,
@@ -421,7 +421,7 @@ def run_synth(base: BaseConfig, cfg: SynthConfig) -> dict[str, int]:
         for plan in plans
         if stored_fingerprint(path := videos_dir / f"{plan.video_id}.mp4") != plan.fingerprint
     ]
-    progress = tqdm(total=len(jobs), desc="synth videos", unit="video")
+    progress = progress_bar(total=len(jobs), desc="synth videos", unit="video")
     if cfg.workers == 1 or len(jobs) <= 1:
         for job in jobs:
             _write_one(job)

@@ -219,7 +219,7 @@ def train_baseline(
             `score_fn` for validation).
         datasets: training items and the validation split.
         cfg: optimiser, schedule, negatives, early stopping and checkpointing.
-        progress: show a tqdm bar per epoch (stderr).
+        progress: show a progress bar per epoch (stderr).
         checkpoint: where `last.pt` goes; resumed from when it was written by the same configuration.
     """
     world = world_info_from_env()

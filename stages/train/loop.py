@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
-from tqdm import tqdm
 
 from stages.data.device import autocast, autocast_dtype
+from stages.data.progress import progress_bar
 from stages.train.distributed import is_main_process
 
 
@@ -42,7 +42,7 @@ class LoopConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     checkpoint_every_steps: int = 0  # also checkpoint every N updates (0 = only after each epoch)
     max_steps: int = 0  # stop (with a checkpoint) after this many updates in total; 0 = train to the end
-    progress: bool = True  # a tqdm bar per epoch (on rank 0)
+    progress: bool = True  # a progress bar per epoch (on rank 0)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         while not self.finished:
             epoch = progress.epoch
-            bar = tqdm(
+            bar = progress_bar(
                 total=cfg.steps_per_epoch,
                 initial=progress.step_in_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stages.data.available import AvailableQueries, available_queries
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStore
 from stages.data.files import atomic_write_text
-from stages.data.schema import read_queries
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
 from stages.evaluate.retrieval import resolve_device
 from stages.models import build_model, model_spec
@@ -64,7 +64,7 @@ class BaselineStageConfig:
 
     model: dict[str, Any] = field(default_factory=dict)  # keys of the model's config dataclass (see its module)
     train: BaselineTrainConfig = field(default_factory=BaselineTrainConfig)
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on
     select_split: str = "val"  # model selection (early stopping) split; `evaluate.protocol.split` is reported
 
 
@@ -79,8 +79,11 @@ def run_train_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig) ->
     store = FeatureStore(base.features_path())
     config = baseline_config(name, cfg.model, _feature_dim(store))
     train_cfg = dataclasses.replace(cfg.train, seed=cfg.train.seed + base.seed)
+    splits = dict.fromkeys((cfg.train_split, cfg.select_split))
+    keys = {cfg.train_split: f"baselines.{name}.train_split", cfg.select_split: f"baselines.{name}.select_split"}
+    used = [_available(base, split, keys[split], f"train_baseline {name}") for split in splits]
     datasets = BaselineDatasets.from_annotations(
-        read_queries(base.annotations_path),
+        [query for available in used for query in available.queries],
         store.videos,
         store.texts,
         config.preprocess(),
@@ -145,17 +148,15 @@ def run_evaluate_baseline(
     `checkpoint` evaluates the baseline saved in that directory (e.g. by `import-checkpoint`) with its own config
     instead of the trained one.
     """
+    keys = {split: "evaluate.also_splits" for split in evaluation.also_splits}
+    keys[evaluation.protocol.split] = "evaluate.protocol.split"
+    available = {split: _available(base, split, key, f"evaluate {name}") for split, key in keys.items()}
     store = FeatureStore(base.features_path())
     device = resolve_device(evaluation.protocol.scoring.device)
     quick = dataclasses.replace(evaluation.protocol, measure_efficiency=False)
-    annotations = read_queries(base.annotations_path)
-    splits = (evaluation.protocol.split, *evaluation.also_splits)
 
     def score(model: nn.Module, preprocess: PreprocessConfig, split: str, protocol: EvalConfig) -> dict[str, Any]:
-        queries = [q for q in annotations if q.split == split]
-        if not queries:
-            raise PipelineError(f"no queries in split {split!r}; check evaluate.protocol.split and also_splits")
-        video_ids = list(dict.fromkeys(q.video_id for q in queries))
+        queries, video_ids = available[split].queries, available[split].video_ids
         gt, _ = ground_truth(queries, video_ids)
         videos = DataLoader(
             VideoDataset(video_ids, store.videos, preprocess), evaluation.batch_videos, collate_fn=collate_videos
@@ -166,12 +167,12 @@ def run_evaluate_baseline(
             collate_fn=collate_queries,
         )
         batches = (b.to(device) for b in videos), (b.to(device) for b in texts)
-        return evaluate_encoder(model.to(device), *batches, gt, protocol, module=model)
+        return {**evaluate_encoder(model.to(device), *batches, gt, protocol, module=model), **available[split].counts()}
 
     if checkpoint is not None and not model_spec(name).trainable:
         raise PipelineError(f"{name} has no weights: evaluate it without --checkpoint")
     if not model_spec(name).trainable:
-        evaluated = {q.video_id for q in annotations if q.split in splits}
+        evaluated = {video_id for split in available.values() for video_id in split.video_ids}
         model: nn.Module = build_model(name, max_frames=max(store.videos.shape(v)[0] for v in evaluated))
         preprocess, selection, untrained = MIL_PREPROCESS, {"rule": "none (no training)"}, None
     elif checkpoint is not None:
@@ -197,6 +198,13 @@ def run_evaluate_baseline(
         metrics["untrained"] = score(untrained, preprocess, headline, quick)
     write_metrics(metrics_path or base.dataset_metrics / f"{name}.json", metrics)
     return metrics
+
+
+def _available(base: BaseConfig, split: str, key: str, stage: str) -> AvailableQueries:
+    """The available queries of `split` (named by params `key`), what was left out logged for `stage`."""
+    available = available_queries(base, split, key)
+    available.log(stage, f"split {split!r}")
+    return available
 
 
 def _feature_dim(store: FeatureStore) -> int:

@@ -82,7 +82,7 @@ class TrainPropyConfig:
     """The `train_propy` section (paper values per dataset are listed in params.yaml)."""
 
     model: ProPyConfig = field(default_factory=ProPyConfig)  # structure; frames per video = model.pyramid.num_frames
-    epochs: int = 10
+    epochs: int = 10  # passes over the training videos
     batch_videos: int = 24  # videos per rank per step (each with all its captions); global batch = this x ranks
     lr: float = 8e-4  # peak learning rate
     warmup: float = 0.1  # fraction of all steps spent warming up linearly from 1e-8
@@ -93,7 +93,7 @@ class TrainPropyConfig:
     decay_dead_parameters: bool = True  # True = official: never-used parameters stay in AdamW (their weights decay)
     max_words: int = 32  # tokens per caption, SOT and EOT included
     tail_fix: bool = False  # False = official TSN sampling (drops each video's last frames); True covers them
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on
     select_split: str = "val"  # model selection: val | test (official behaviour) | last
     checkpoint_every_steps: int = 0  # also write last.pt every N updates (0 = after each epoch only)
     max_steps: int = 0  # stop after N updates in total (time-boxing); a later run resumes. 0 = no limit
@@ -189,7 +189,8 @@ def evaluate_propy(
     protocol = dataclasses.replace(protocol, split=corpus.split, scoring=scoring)
     encoder = PropyEncoder(model, device, autocast_dtype(device, cfg.amp), cfg.max_words)
     try:
-        return evaluate_encoder(encoder, videos, query_batches, gt_video, protocol, durations, gt_windows, model)
+        metrics = evaluate_encoder(encoder, videos, query_batches, gt_video, protocol, durations, gt_windows, model)
+        return {**metrics, **corpus.counts}
     finally:
         model.train(was_training)
 
@@ -267,9 +268,12 @@ def run_train_propy(base: BaseConfig, cfg: TrainPropyConfig) -> Path:
 
 
 def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: torch.device) -> Path:
-    corpus = load_corpus(base, cfg.train_split)
+    log_stage = "train_propy" if is_main_process() else ""
+    corpus = load_corpus(base, cfg.train_split, "train_propy.train_split", log_stage)
     select = cfg.select_split != "last"
-    selection_corpus = load_corpus(base, cfg.select_split) if select and is_main_process() else None
+    selection_corpus = None
+    if select and is_main_process():
+        selection_corpus = load_corpus(base, cfg.select_split, "train_propy.select_split", log_stage)
     clip_sha256 = file_sha256(base.clip_weights)
     model = build_propy(base, cfg.model, device)
     model.train()
@@ -394,13 +398,14 @@ def run_evaluate_propy(
     device = resolve_device(cfg.device, WorldInfo())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, selection = load_trained_propy(base, device, checkpoint)
     headline = eval_cfg.protocol.split
+    corpus = load_corpus(base, headline, "evaluate.protocol.split", "evaluate propy")
+    also = {split: load_corpus(base, split, "evaluate.also_splits", "evaluate propy") for split in eval_cfg.also_splits}
+    model, selection = load_trained_propy(base, device, checkpoint)
 
     def score(model: ProPy, corpus: Corpus, protocol: EvalConfig) -> dict[str, Any]:
         return evaluate_propy(model, base, corpus, protocol, cfg, eval_cfg.batch_videos, eval_cfg.batch_queries, device)
 
-    corpus = load_corpus(base, headline)
     metrics = {"model": MODEL_NAME, **score(model, corpus, eval_cfg.protocol)}
     metrics["feature_source"] = f"{base.frames_path.name} (frames; CLIP {base.clip_arch} with prompts and adapters)"
     metrics["chance_R1"] = 100.0 / len(corpus.video_ids)
@@ -409,7 +414,7 @@ def run_evaluate_propy(
         selection["note"] = "official behaviour: the epoch was selected on the evaluated split itself (optimistic)"
     metrics["selection"] = selection
     quick = dataclasses.replace(eval_cfg.protocol, measure_efficiency=False)
-    metrics["splits"] = {split: score(model, load_corpus(base, split), quick) for split in eval_cfg.also_splits}
+    metrics["splits"] = {split: score(model, split_corpus, quick) for split, split_corpus in also.items()}
     if eval_cfg.untrained_reference:
         untrained = build_propy(base, model.config, device, clip=(model.clip, model.arch))
         metrics["untrained"] = score(untrained, corpus, quick)
