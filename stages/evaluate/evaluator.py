@@ -80,6 +80,7 @@ class EvaluateConfig:
     untrained_reference: bool = True  # also report the model before training (under `untrained`)
     batch_videos: int = 16  # videos per forward pass
     batch_queries: int = 256  # queries per forward pass
+    threads: int = 0  # torch CPU threads of a baseline's evaluation (0 = default; ProPy's: train_propy.threads)
 
 
 def ground_truth(queries: Sequence[Query], video_ids: Sequence[str]) -> tuple[Tensor, list[Tensor]]:

@@ -153,6 +153,8 @@ def run_evaluate_baseline(
     available = {split: _available(base, split, key, f"evaluate {name}") for split, key in keys.items()}
     store = FeatureStore(base.features_path())
     device = resolve_device(evaluation.protocol.scoring.device)
+    if evaluation.threads:
+        torch.set_num_threads(evaluation.threads)
     quick = dataclasses.replace(evaluation.protocol, measure_efficiency=False)
 
     def score(model: nn.Module, preprocess: PreprocessConfig, split: str, protocol: EvalConfig) -> dict[str, Any]:
