@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
-from stages.data.files import atomic_write_text, file_sha256
+from stages.data.files import atomic_write_text, file_sha256, same_file
 from stages.data.frame_cache import (
     FrameCache,
     FrameStorage,
@@ -134,7 +134,7 @@ def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
     jobs = [
         DecodeJob(vid, str(sources[vid].resolve()), str(cache_path), config) for vid in video_ids if vid not in skipped
     ]
-    outcomes = _run_jobs(jobs, config, done_before=len(skipped)) if jobs else []
+    outcomes = run_decode_jobs(jobs, config, done_before=len(skipped)) if jobs else []
     with contextlib.suppress(OSError):  # the staging folder is empty unless a worker was killed mid-write
         staging_dir(cache_path).rmdir()
     failures = [outcome for outcome in outcomes if outcome.reason is not None]
@@ -188,21 +188,13 @@ def find_videos(
 
 
 def is_up_to_date(cache: FrameCache, video_id: str, source: Path, config: DecodeConfig) -> bool:
-    """Whether the cached video was made with `config`'s settings from the same file.
-
-    The file is the same when its size and mtime match the recorded ones or, if only the mtime changed (a copy,
-    a checkout), when its sha256 does.
-    """
+    """Whether the cached video was made with `config`'s settings from the same file (`files.same_file`)."""
     if video_id not in cache:
         return False
     attrs = cache.attrs(video_id)
     if attrs.get("settings") != json.loads(json.dumps(config.settings())):
         return False
-    recorded = attrs.get("source", {})
-    stat = source.stat()
-    if recorded.get("size") != stat.st_size:
-        return False
-    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == file_sha256(source)
+    return same_file(source, attrs.get("source", {}))
 
 
 def decode_task(job: DecodeJob) -> DecodeOutcome:
@@ -291,7 +283,7 @@ def _describe_status(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
-def _run_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int) -> list[DecodeOutcome]:
+def run_decode_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int = 0) -> list[DecodeOutcome]:
     """Run the jobs on dask, one task per video, with a progress bar of done, failed and remaining videos."""
     from dask.distributed import as_completed
     from tqdm import tqdm

@@ -38,8 +38,6 @@ from stages.models.baselines.preprocessing import PreprocessConfig
 from stages.models.trained import baseline_config, baseline_dir, load_trained_baseline
 from stages.train.baseline_training import BaselineDatasets, BaselineTrainConfig, train_baseline
 
-MIL_PREPROCESS = PreprocessConfig(max_ctx_l=100_000, max_desc_l=1_000)  # every frame and token, L2-normalised
-
 
 @dataclass(frozen=True)
 class BaselineStageConfig:
@@ -123,7 +121,7 @@ def run_evaluate_baseline(base: BaseConfig, name: str, cfg: BaselineStageConfig,
     if not model_spec(name).trainable:
         evaluated = {q.video_id for q in annotations if q.split in splits}
         model: nn.Module = build_model(name, max_frames=max(store.videos.shape(v)[0] for v in evaluated))
-        preprocess, selection, untrained = MIL_PREPROCESS, {"rule": "none (no training)"}, None
+        preprocess, selection, untrained = model.preprocess_config(), {"rule": "none (no training)"}, None
     else:
         config = baseline_config(name, cfg.model, _feature_dim(store))
         model, selection = load_trained_baseline(baseline_dir(base, name), config)
