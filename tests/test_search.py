@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ from stages.models.propy import ProPyConfig
 from stages.models.propy_import import load_propy
 from stages.models.pyramid import PyramidConfig
 from stages.models.trained import PropyEncoder, baseline_config, load_trained_baseline
-from stages.search.index import SearchConfig, run_index
+from stages.search.index import SearchConfig, run_index, scan_folder, video_key
 from stages.search.models import ModelChoice
 from stages.search.search import Searcher
 from tests.videos import make_video
@@ -202,13 +203,14 @@ def test_an_interrupted_index_finishes_without_redoing_finished_videos(
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "vectors").glob("*.npz")}
     frames = {p.parent.name: p.stat().st_mtime_ns for p in (out / "frames.zarr").glob("*/zarr.json")}
     assert len(finished) == 2 and len(frames) == 5 and not (out / "store").exists()
+    unfinished = sorted({"clip0.mp4", "part/clip1.mp4", "clip2.mp4", "clip3.mp4", "clip4.mp4"} - set(written))
+    (tmp_path / "videos" / unfinished[-1]).unlink()  # deleted while its frames were cached but not encoded
     summary = run_index(tmp_path / "videos", out, propy_choice, FRAMES, CONFIG)
-    assert summary.unchanged == 2 and sorted(summary.added) == sorted(
-        {"clip0.mp4", "part/clip1.mp4", "clip2.mp4", "clip3.mp4", "clip4.mp4"} - set(written)
-    )
+    assert summary.unchanged == 2 and sorted(summary.added) == unfinished[:-1]
     assert all((out / "vectors" / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())
-    assert frames == {p.parent.name: p.stat().st_mtime_ns for p in (out / "frames.zarr").glob("*/zarr.json")}
-    assert len(Searcher(out, CONFIG).videos) == 5
+    now = {p.parent.name: p.stat().st_mtime_ns for p in (out / "frames.zarr").glob("*/zarr.json")}
+    assert now == {key: mtime for key, mtime in frames.items() if key != video_key(unfinished[-1])}
+    assert len(Searcher(out, CONFIG).videos) == 4
 
 
 def test_an_index_of_another_model_config_or_folder_is_refused(tmp_path: Path, propy_choice, tiny_clip_weights) -> None:
@@ -284,3 +286,18 @@ def test_command_line_json_and_queries_file(tmp_path: Path, propy_choice, tiny_c
     assert np.allclose([r["score"] for r in first[:2]], [r["score"] for r in results], atol=1e-5)
     with pytest.raises(PipelineError, match="is not a search index"):
         Searcher(tmp_path / "nowhere", CONFIG)
+
+
+def test_video_ids_are_relative_paths_and_keys_are_safe_and_unique(tmp_path: Path) -> None:
+    for name in ("a.mp4", "a.MKV", "talks/week 1/b.mp4", ".hidden.mp4", ".cache/c.mp4", "d.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    files, refused = scan_folder(tmp_path, ("mp4", "mkv"))
+    assert [(f.video_id, f.path) for f in files] == [
+        ("a.MKV", "a.MKV"),
+        ("a.mp4", "a.mp4"),
+        ("talks/week 1/b", "talks/week 1/b.mp4"),
+    ]
+    assert not refused and len({f.key for f in files}) == 3
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", f.key) for f in files)
+    assert video_key("talks/week 1/b.mp4") != video_key("talks/week_1/b.mp4")

@@ -157,19 +157,23 @@ def run_index(
     finished = _finished_records(layout)
     present = {f.key for f in files}
     removed = sorted(key for key in finished if key not in present)
+    for key in _stale_keys(layout, present):  # deleted files, and leftovers of videos a killed run never finished
+        _forget(layout, key)
     todo = [f for f in files if not _is_current(finished.get(f.key), f, video_dir)]
     ensure_cache(layout.frames)
     decoded, failed = _decode(todo, video_dir, layout, frames)
-    for key in [*removed, *(f.key for f, _ in failed)]:  # a changed file that no longer decodes loses its entry
-        _forget(layout, key)
-    _encode(model, decoded, video_dir, layout, FrameCache(layout.frames), config)
+    for video, _ in failed:  # a changed file that no longer decodes loses its old entry
+        _forget(layout, video.key)
+    new = _encode(model, decoded, video_dir, layout, FrameCache(layout.frames), config)
     failures = refused + [{"path": f.path, "reason": reason} for f, reason in failed]
     atomic_write_text(layout.failures, "".join(json.dumps(f) + "\n" for f in failures))
     for failure in failures:
         print(f"index: skipped {failure['path']}: {failure['reason']}", file=sys.stderr)
-    records = _finished_records(layout)
-    if removed or failed or decoded or not (layout.store / "meta.json").is_file():
-        _consolidate(layout, [records[f.key] for f in files if f.key in records], model, config.ann)
+    known = {**finished, **{record.key: record for record in new}}
+    failed_keys = {video.key for video, _ in failed}
+    records = {f.key: known[f.key] for f in files if f.key in known and f.key not in failed_keys}
+    if removed or failed or new or not (layout.store / "meta.json").is_file():
+        _consolidate(layout, list(records.values()), model, config.ann)
     return IndexSummary(
         added=[f.path for f in decoded if f.key not in finished],
         updated=[f.path for f in decoded if f.key in finished],
@@ -269,6 +273,14 @@ def _is_current(record: VideoRecord | None, video: VideoFile, video_dir: Path) -
     return record is not None and record.path == video.path and same_file(video_dir / video.path, record.fingerprint)
 
 
+def _stale_keys(layout: IndexLayout, present: set[str]) -> set[str]:
+    """Keys with vectors, thumbnails or cached frames but no file in the folder any more."""
+    keys = {path.stem for path in layout.vectors.glob("*.npz")} if layout.vectors.is_dir() else set()
+    keys |= {path.name for path in layout.thumbs.iterdir()} if layout.thumbs.is_dir() else set()
+    keys |= set(FrameCache(layout.frames).video_ids())
+    return keys - present
+
+
 def _forget(layout: IndexLayout, key: str) -> None:
     """Remove a video's vectors, thumbnails and cached frames."""
     layout.vector_file(key).unlink(missing_ok=True)
@@ -304,14 +316,17 @@ def _encode(
     layout: IndexLayout,
     cache: FrameCache,
     config: SearchConfig,
-) -> None:
-    """Encode the decoded videos in batches; each finished video gets its thumbnails, then its .npz."""
+) -> list[VideoRecord]:
+    """Encode the decoded videos in batches; each finished video gets its thumbnails, then its .npz. Returns their
+    records."""
     layout.vectors.mkdir(parents=True, exist_ok=True)
+    records = []
     with tqdm(total=len(videos), desc=f"index ({model.name})", unit="video", disable=not videos) as bar:
         for batch in _batches(videos, config.batch_videos):
             for video, encoded in zip(batch, model.encode_videos(cache, [v.key for v in batch]), strict=True):
-                _write_video(layout, cache, video, video_dir, encoded, config)
+                records.append(_write_video(layout, cache, video, video_dir, encoded, config))
                 bar.update()
+    return records
 
 
 def _batches(items: list[VideoFile], size: int) -> Iterator[list[VideoFile]]:
@@ -326,7 +341,7 @@ def _write_video(
     video_dir: Path,
     encoded: EncodedVideo,
     config: SearchConfig,
-) -> None:
+) -> VideoRecord:
     """Write one video's thumbnails, then its vectors and record (the .npz marks the video finished)."""
     num_frames = cache.num_frames(video.key)
     duration = video_duration(cache.attrs(video.key), num_frames)
@@ -355,6 +370,7 @@ def _write_video(
     with open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     os.replace(tmp, target)
+    return record
 
 
 def video_duration(attrs: dict[str, Any], num_frames: int) -> float:
