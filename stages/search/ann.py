@@ -32,8 +32,8 @@ class AnnConfig:
     subquantizers: int = 64  # PQ subquantizers of 4 bits (32 bytes per unit); a divisor of the unit dimension
     train_units: int = 131072  # units sampled (evenly) to train the quantizers
     probes: int = 32  # lists scanned per query
-    candidate_units: int = 2048  # best units returned per query
-    candidate_videos: int = 128  # videos (in order of their best unit) re-scored exactly per query
+    candidate_units: int = 8192  # best units returned per query
+    candidate_videos: int = 512  # videos (in order of their best unit) re-scored exactly per query
     chunk_units: int = 262144  # units converted to float32 and added at a time
 
     def __post_init__(self) -> None:

@@ -107,7 +107,7 @@ class SearchEngine:
     def _use_ann(self, videos: np.ndarray | None) -> bool:
         if self.ann is None:
             return False
-        units = self.store.num_units if videos is None else int(self._lengths(videos).sum())
+        units = self.store.num_units if videos is None else int(self.store.lengths(videos).sum())
         return units >= self.ann.config.min_units
 
     # ---- models scored on their units -------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class SearchEngine:
     ) -> Iterator[tuple[int, np.ndarray]]:
         """(first query, [q, len(selected)] max unit scores) per block of queries (fp16 kernel when `half`)."""
         offsets = self.store.offsets
-        lengths = self._lengths(selected)
+        lengths = self.store.lengths(selected)
         budget = max(1, int(self.config.memory_budget_mb * 2**20 // (4 * len(selected))))
         bounds = _chunk_bounds(lengths, self.config.chunk_units)
         for start in range(0, len(queries), budget):
@@ -146,7 +146,7 @@ class SearchEngine:
                 if contiguous:
                     units = self.store.units[offsets[selected[first]] : offsets[selected[last - 1] + 1]]
                 else:
-                    units = self.store.units[_unit_indices(offsets, selected[first:last])]
+                    units = self.store.read_units(selected[first:last])
                 scores = _as_tensor(units)
                 if half:  # one matrix-vector product per query: fp16 in, fp32 accumulation, fp16 out
                     scores = torch.stack([scores @ query for query in weights], dim=1)
@@ -158,12 +158,14 @@ class SearchEngine:
 
     def _best_units(self, query: Tensor, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per video, the max over its units of `query . u` (fp32) and that unit's store index."""
-        indices = _unit_indices(self.store.offsets, videos)
-        scores = np.asarray(self.store.units[indices], dtype=np.float32) @ query.numpy()
-        owner = np.repeat(np.arange(len(videos)), self._lengths(videos))
+        if not len(videos):
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        lengths = self.store.lengths(videos)
+        scores = self.store.read_units(videos).astype(np.float32) @ query.numpy()
+        owner = np.repeat(np.arange(len(videos)), lengths)
         order = np.lexsort((-scores, owner))  # by video, best unit first (the earlier unit on ties)
-        first = np.concatenate([[0], np.cumsum(self._lengths(videos))[:-1]])
-        return scores[order[first]], indices[order[first]]
+        first = order[np.concatenate([[0], np.cumsum(lengths)[:-1]])]
+        return scores[first], self.store.unit_indices(videos)[first]
 
     # ---- models with their own score ----------------------------------------------------------------------------
 
@@ -186,9 +188,6 @@ class SearchEngine:
                 results.append([dataclasses.replace(m, unit=int(u)) for m, u in zip(top, best, strict=True)])
         return results
 
-    def _lengths(self, videos: np.ndarray) -> np.ndarray:
-        return self.store.offsets[videos + 1] - self.store.offsets[videos]
-
 
 def _ranked(videos: np.ndarray, scores: np.ndarray, units: np.ndarray, k: int, min_score: float | None) -> list[Match]:
     """The k best (score descending, then video ascending), at least `min_score`."""
@@ -196,14 +195,6 @@ def _ranked(videos: np.ndarray, scores: np.ndarray, units: np.ndarray, k: int, m
     videos, scores, units = videos[keep], scores[keep], units[keep]
     order = np.lexsort((videos, -scores))[:k]
     return [Match(int(videos[i]), float(scores[i]), int(units[i])) for i in order]
-
-
-def _unit_indices(offsets: np.ndarray, videos: np.ndarray) -> np.ndarray:
-    """The store indices of every unit of `videos`, video by video."""
-    starts = offsets[videos]
-    lengths = offsets[videos + 1] - starts
-    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return shift + np.arange(int(lengths.sum()))
 
 
 def _chunk_bounds(lengths: np.ndarray, chunk_units: int) -> list[tuple[int, int]]:

@@ -70,41 +70,17 @@ class SearchConfig:
             raise ValueError("batch_videos and batch_frames must be >= 1, thumbnail_size >= 8")
 
 
-@dataclass(frozen=True)
 class IndexLayout:
-    """Where an index folder keeps what."""
+    """Where an index folder keeps what (see the module docstring)."""
 
-    root: Path
-
-    @property
-    def manifest(self) -> Path:
-        """index.json."""
-        return self.root / "index.json"
-
-    @property
-    def frames(self) -> Path:
-        """The frame cache."""
-        return self.root / "frames.zarr"
-
-    @property
-    def vectors(self) -> Path:
-        """One .npz per finished video."""
-        return self.root / "vectors"
-
-    @property
-    def thumbs(self) -> Path:
-        """Thumbnails, one folder per video."""
-        return self.root / "thumbs"
-
-    @property
-    def store(self) -> Path:
-        """The consolidated, memory-mapped store."""
-        return self.root / "store"
-
-    @property
-    def failures(self) -> Path:
-        """Files of the last run that could not be decoded."""
-        return self.root / "failures.jsonl"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.manifest = root / "index.json"
+        self.frames = root / "frames.zarr"  # the frame cache
+        self.vectors = root / "vectors"  # one .npz per finished video
+        self.thumbs = root / "thumbs"  # one folder of JPEGs per video
+        self.store = root / "store"  # the consolidated, memory-mapped store
+        self.failures = root / "failures.jsonl"  # files of the last run that could not be decoded
 
     def vector_file(self, key: str) -> Path:
         """The .npz of one video."""

@@ -142,7 +142,12 @@ class FeatureSearchModel(SearchModel):
         self.model = model.eval().to(device)
         self.clip = clip.to(device)
         self.preprocess = model.preprocess_config()
-        self.score_fn = getattr(model, "score_fn", None)
+        self.score_fn = self._score if getattr(model, "score_fn", None) is not None else None
+
+    @torch.inference_mode()
+    def _score(self, queries: Tensor, videos: Tensor) -> Tensor:
+        """The model's own score on its device, returned on the CPU."""
+        return self.model.score_fn(queries.to(self.device), videos.to(self.device)).cpu()
 
     @torch.inference_mode()
     def encode_videos(self, cache: FrameCache, keys: list[str]) -> list[EncodedVideo]:
