@@ -750,5 +750,94 @@ def figures(params: Params, local_overrides: tuple[str, ...]) -> None:
     click.echo("\n".join(f"wrote {path}" for path in written))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Search your own videos
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _search_config(params: Params, local_overrides: tuple[str, ...]) -> Any:
+    from stages.search.index import SearchConfig
+
+    return params.use("search", local_overrides).config("search", SearchConfig)
+
+
+@cli.command("index")
+@click.argument("video_dir", type=click.Path(file_okay=False))
+@click.option("--model", "model_name", default="propy", show_default=True, help="A registered model (propy, msl, ...).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="The index folder.")
+@click.option("--checkpoint", help="ProPy checkpoint file or baseline folder (default: where `dvc repro` put it).")
+@section_overrides
+@click.pass_obj
+def index(
+    params: Params, video_dir: str, model_name: str, out: str, checkpoint: str | None, local_overrides: tuple[str, ...]
+) -> None:
+    """Index a folder of videos (recursively) with a trained model; re-runs add, update and remove files."""
+    from stages.extract.decode import DecodeConfig
+    from stages.models import model_spec
+    from stages.search.index import run_index
+    from stages.search.models import ModelChoice
+
+    config = _search_config(params, local_overrides)
+    propy = params.section("train_propy")
+    keys = {k: propy[k] for k in ("max_words", "tail_fix", "amp") if k in propy}
+    if model_spec(model_name).inputs == "features":
+        keys = {"model_keys": (params.section("baselines").get(model_name) or {}).get("model", {})}
+    choice = ModelChoice.trained(params.base(), model_name, checkpoint, **keys)
+    summary = run_index(Path(video_dir), Path(out), choice, params.config("decode", DecodeConfig), config)
+    click.echo(summary.describe())
+
+
+@cli.command("search")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("query", required=False)
+@click.option("--top-k", default=10, show_default=True, help="Videos per query.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of results (logs go to stderr).")
+@click.option("--min-score", type=float, help="Leave out videos scoring below this.")
+@click.option("--video", "video_glob", help="Only files whose relative path (or id) matches this glob.")
+@click.option("--queries", "queries_file", type=click.Path(dir_okay=False), help="One query per line; JSONL out.")
+@section_overrides
+@click.pass_obj
+def search(
+    params: Params,
+    index_dir: str,
+    query: str | None,
+    top_k: int,
+    as_json: bool,
+    min_score: float | None,
+    video_glob: str | None,
+    queries_file: str | None,
+    local_overrides: tuple[str, ...],
+) -> None:
+    """Search an index in words: each video's best moment (start, end in seconds), its score and thumbnail."""
+    from stages.search.search import Searcher, read_query_file
+
+    if (query is None) == (queries_file is None):
+        raise PipelineError("give either a QUERY or --queries FILE")
+    texts = read_query_file(queries_file) if queries_file else [query]
+    results = Searcher(index_dir, _search_config(params, local_overrides)).search(texts, top_k, min_score, video_glob)
+    if queries_file:
+        for text, hits in zip(texts, results, strict=True):
+            click.echo(json.dumps({"query": text, "results": [hit.to_dict() for hit in hits]}))
+    elif as_json:
+        click.echo(json.dumps([hit.to_dict() for hit in results[0]], indent=1))
+    else:
+        for hit in results[0]:
+            click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {hit.start:8.2f}-{hit.end:<8.2f} {hit.path}")
+
+
+@cli.command("serve")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option("--port", default=8765, show_default=True, help="TCP port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@section_overrides
+@click.pass_obj
+def serve(params: Params, index_dir: str, port: int, host: str, local_overrides: tuple[str, ...]) -> None:
+    """Serve a local web page over an index: a search box, result cards and a player that starts at the moment."""
+    from stages.search.search import Searcher
+    from stages.search.server import serve as serve_index
+
+    serve_index(Searcher(index_dir, _search_config(params, local_overrides)), host, port)
+
+
 if __name__ == "__main__":
     cli()

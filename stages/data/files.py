@@ -16,6 +16,21 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def file_fingerprint(path: str | Path) -> dict[str, int | str]:
+    """What identifies a file's content: size, mtime (ns) and sha256."""
+    stat = Path(path).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+
+
+def same_file(path: str | Path, recorded: dict) -> bool:
+    """Whether `path` still holds the content `recorded` (a `file_fingerprint`): same size and mtime or, if only
+    the mtime changed (a copy, a checkout), the same sha256."""
+    stat = Path(path).stat()
+    if recorded.get("size") != stat.st_size:
+        return False
+    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == file_sha256(path)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to a temporary name beside `path`, then rename it into place; creates the parent folder."""
     path = Path(path)

@@ -40,7 +40,7 @@ import numpy as np
 from stages.data.available import Failure, failures_path, write_failures
 from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
-from stages.data.files import file_sha256
+from stages.data.files import file_fingerprint, same_file
 from stages.data.frame_cache import (
     FrameCache,
     FrameStorage,
@@ -170,7 +170,7 @@ def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
     failed = [DecodeOutcome(vid, path, reason=reason) for vid, (path, reason) in missing.items() if vid not in gone]
     skipped = [vid for vid, paths in sources.items() if is_up_to_date(cache, vid, paths, config)]
     jobs = [_job(vid, paths, videos[vid], cache_path, config) for vid, paths in sources.items() if vid not in skipped]
-    outcomes = _run_jobs(jobs, config, done_before=len(skipped) + len(gone)) if jobs else []
+    outcomes = run_decode_jobs(jobs, config, done_before=len(skipped) + len(gone)) if jobs else []
     with contextlib.suppress(OSError):  # the staging folder is empty unless a worker was killed mid-write
         staging_dir(cache_path).rmdir()
     failures = sorted(failed + [o for o in outcomes if o.reason is not None], key=lambda o: o.video_id)
@@ -245,14 +245,7 @@ def is_up_to_date(cache: FrameCache, video_id: str, sources: Path | Sequence[Pat
         return False
     paths = [sources] if isinstance(sources, Path) else list(sources)
     recorded = [part.get("source", {}) for part in attrs["parts"]] if "parts" in attrs else [attrs.get("source", {})]
-    return len(recorded) == len(paths) and all(_same_file(p, r) for p, r in zip(paths, recorded, strict=True))
-
-
-def _same_file(path: Path, recorded: dict[str, Any]) -> bool:
-    stat = path.stat()
-    if recorded.get("size") != stat.st_size:
-        return False
-    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == file_sha256(path)
+    return len(recorded) == len(paths) and all(same_file(p, r) for p, r in zip(paths, recorded, strict=True))
 
 
 def decode_task(job: DecodeJob) -> DecodeOutcome:
@@ -353,13 +346,10 @@ def _decode_clips(job: DecodeJob) -> tuple[np.ndarray, list[dict[str, Any]]]:
 
 
 def _fingerprint(path: Path, decoded: DecodedVideo) -> dict[str, Any]:
-    """What identifies a source file (for re-runs) and what it looked like."""
-    stat = path.stat()
+    """What identifies a source file (for re-runs, `files.file_fingerprint`) and what it looked like."""
     return {
         "path": str(path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "sha256": file_sha256(path),
+        **file_fingerprint(path),
         "frames": decoded.source_frames,
         "width": decoded.source_size[0],
         "height": decoded.source_size[1],
@@ -386,7 +376,7 @@ def _describe_status(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
-def _run_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int) -> list[DecodeOutcome]:
+def run_decode_jobs(jobs: list[DecodeJob], config: DecodeConfig, done_before: int = 0) -> list[DecodeOutcome]:
     """Run the jobs on dask, one task per video, with a progress bar of done, failed and remaining videos."""
     from dask.distributed import as_completed
 

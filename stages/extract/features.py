@@ -29,7 +29,6 @@ from stages.data.errors import PipelineError
 from stages.data.feature_store import FeatureStoreInfo, FeatureStoreWriter
 from stages.data.frame_cache import FrameCache
 from stages.data.progress import progress_bar
-from stages.data.schema import Query
 from stages.extract.cluster import dask_client
 from stages.models.clip_backbone import (
     file_sha256,
@@ -99,7 +98,7 @@ def run_features(base: BaseConfig, cfg: FeaturesConfig) -> Path:
         ) as bar:
             for start in range(0, len(todo_queries), cfg.batch_queries):
                 batch = todo_queries[start : start + cfg.batch_queries]
-                for query, features in zip(batch, _query_features(model, batch, device), strict=True):
+                for query, features in zip(batch, query_features(model, [q.query for q in batch], device), strict=True):
                     store.write("text", query.query_id, features)
                 bar.update(len(batch))
     return path
@@ -156,10 +155,10 @@ def encode_videos(
 
 
 @torch.inference_mode()
-def _query_features(model: torch.nn.Module, queries: list[Query], device: torch.device) -> list[np.ndarray]:
-    """[L_i, E] token features SOT..EOT of each query (padding removed)."""
+def query_features(model: torch.nn.Module, texts: list[str], device: torch.device) -> list[np.ndarray]:
+    """[L_i, E] token features SOT..EOT of each text (padding removed), as stored under `/text/<query_id>`."""
     context = model.positional_embedding.shape[0]
-    ids = tokenize([q.query for q in queries], max_words=context).to(device)
+    ids = tokenize(texts, max_words=context).to(device)
     tokens = text_token_features(model, ids).float().cpu().numpy()
     lengths = (ids.argmax(dim=1) + 1).tolist()
     return [tokens[i, :length] for i, length in enumerate(lengths)]

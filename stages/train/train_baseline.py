@@ -55,8 +55,6 @@ from stages.train.baseline_training import (
 from stages.train.distributed import distributed_run, is_main_process, log_main
 from stages.train.resume import RunCheckpoint, run_fingerprint
 
-MIL_PREPROCESS = PreprocessConfig(max_ctx_l=100_000, max_desc_l=1_000)  # every frame and token, L2-normalised
-
 
 @dataclass(frozen=True)
 class BaselineStageConfig:
@@ -176,7 +174,7 @@ def run_evaluate_baseline(
     if not model_spec(name).trainable:
         evaluated = {video_id for split in available.values() for video_id in split.video_ids}
         model: nn.Module = build_model(name, max_frames=max(store.videos.shape(v)[0] for v in evaluated))
-        preprocess, selection, untrained = MIL_PREPROCESS, {"rule": "none (no training)"}, None
+        preprocess, selection, untrained = model.preprocess_config(), {"rule": "none (no training)"}, None
     elif checkpoint is not None:
         model, config, record = load_baseline(checkpoint, name)
         dims = (config.visual_input_size, config.query_input_size)

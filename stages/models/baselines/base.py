@@ -5,6 +5,7 @@ Evaluation interface (the evaluate stage's `RetrievalEncoder` protocol):
     v = model.encode_videos(video_batch)       # [N_v, K, D]: the model's per-video cache packed in one tensor
     s = model.score(q, v)                      # [N_q, N_v] fused similarity clip_scale_w * S_c + frame_scale_w * S_f
 `model.score_fn` is `model.score`, so evaluation uses the model's own similarity (not a max-over-units cosine).
+Search: `model.moment_units(video_batch, num_frames)` says which packed rows are moments of the video and where.
 Training: `model(train_batch, sampling) -> (losses with "total", chosen negatives)`; a model adds its losses to a
 `TrainingStep` in `add_losses`, and the step keeps the family's bookkeeping (weighted terms, reported parts,
 negatives under the keys of the injected ranks). Multi-GPU: a model encodes its batch, passes the per-video and
@@ -16,7 +17,7 @@ then equal one process's on the whole global batch; terms computed before the ga
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -26,7 +27,7 @@ from torch import nn
 from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
 from stages.models.baselines.layers import AttentionBlock, InputProjection, PositionalEncoding, attention_pool
 from stages.models.baselines.losses import NegativeSampling, multi_positive_nce, video_triplet
-from stages.models.baselines.preprocessing import PreprocessConfig
+from stages.models.baselines.preprocessing import PreprocessConfig, clip_ranges
 
 Encodings: TypeAlias = dict[str, torch.Tensor]
 # (this rank's per-video tensors, per-query tensors, query labels) -> the same for the global batch
@@ -56,6 +57,19 @@ class BaselineConfig:
         return PreprocessConfig(map_size=self.map_size, max_ctx_l=self.max_ctx_l, max_desc_l=self.max_desc_l)
 
 
+@dataclass
+class MomentUnits:
+    """The rows of a packed video tensor (`encode_videos`) that are moments of the video, and where they lie."""
+
+    rows: torch.Tensor  # [U] int64 indices into the packed rows
+    windows: torch.Tensor  # [B, U, 2] [start, end] as fractions of each video (0..1); NaN: not a unit of that video
+
+
+def clip_windows(num_frames: Sequence[int], cfg: PreprocessConfig) -> torch.Tensor:
+    """[B, M, 2] window of each clip-tensor row (the frames it averages) as fractions of each video."""
+    return torch.stack([torch.from_numpy(clip_ranges(t, cfg) / t) for t in num_frames]).float()
+
+
 class BaselineModel(nn.Module, abc.ABC):
     """Base class: subclasses create the shared inputs with `_add_input_modules` and implement the video side."""
 
@@ -82,6 +96,14 @@ class BaselineModel(nn.Module, abc.ABC):
     def preprocess_config(self) -> PreprocessConfig:
         """How raw features must be preprocessed for this model."""
         return self.cfg.preprocess()
+
+    def moment_units(self, batch: VideoBatch, num_frames: Sequence[int]) -> MomentUnits:
+        """The packed rows a moment can be, with their windows (`num_frames`: each video's raw feature rows).
+
+        Default: the M clip-tensor rows, which the family packs first (GMMFormer's layout); a model whose packed
+        tensor starts otherwise, or whose clips are not the clip tensor's bins, overrides this.
+        """
+        return MomentUnits(torch.arange(self.cfg.map_size), clip_windows(num_frames, self.preprocess_config()))
 
     def encode_queries(self, batch: QueryBatch) -> torch.Tensor:
         """[N_q, D] query vectors: projection, positions, one attention block, attention pooling."""

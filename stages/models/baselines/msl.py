@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.models.baselines.base import BaselineConfig, BaselineModel, TrainingStep
+from stages.models.baselines.base import BaselineConfig, BaselineModel, MomentUnits, TrainingStep
 from stages.models.baselines.data import TrainBatch, VideoBatch
 from stages.models.baselines.layers import AttentionBlock, InputProjection, init_weights
 from stages.models.baselines.losses import (
@@ -73,6 +74,15 @@ def multi_scale_proposals(clips: torch.Tensor) -> torch.Tensor:
     return torch.cat(spans, dim=1)
 
 
+def multi_scale_windows(windows: torch.Tensor) -> torch.Tensor:
+    """[B, M, 2] clip windows -> [B, M(M+1)/2, 2] windows of the spans, in `multi_scale_proposals` order."""
+    length = windows.shape[1]
+    spans = [
+        torch.stack([windows[:, : length - k + 1, 0], windows[:, k - 1 :, 1]], dim=-1) for k in range(1, length + 1)
+    ]
+    return torch.cat(spans, dim=1)
+
+
 def _attend(logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
     weights = torch.softmax(logits.masked_fill(mask == 0, FRAME_ATTENTION_MASK_FILL), dim=-1)
     return torch.einsum(equation, weights, values)
@@ -115,6 +125,13 @@ class MSSL(BaselineModel):
     def encode_videos(self, batch: VideoBatch) -> torch.Tensor:
         """[B, M(M+1)/2 + 2 max_ctx_l, D]: proposals, frame keys (NaN where padded) and values (`MSSLVideos.pack`)."""
         return self.encode_video_parts(batch).pack(self.cfg.max_ctx_l)
+
+    def moment_units(self, batch: VideoBatch, num_frames: Sequence[int]) -> MomentUnits:
+        """The M(M+1)/2 multi-scale proposals, packed first; each spans consecutive clips."""
+        clips = super().moment_units(batch, num_frames)
+        return MomentUnits(
+            torch.arange(clips.windows.shape[1] * (clips.windows.shape[1] + 1) // 2), multi_scale_windows(clips.windows)
+        )
 
     def clip_scores(self, queries: torch.Tensor, videos: MSSLVideos) -> tuple[torch.Tensor, torch.Tensor]:
         """S_c [N_q, N_v] (max cosine over proposals) and the key-clip index [N_q, N_v]."""

@@ -57,6 +57,7 @@ Where the paper is ambiguous (paper says X; we do Y because Z):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.models.baselines.base import BaselineConfig, BaselineModel, TrainingStep
+from stages.models.baselines.base import BaselineConfig, BaselineModel, MomentUnits, TrainingStep, clip_windows
 from stages.models.baselines.data import QueryBatch, VideoBatch
 from stages.models.baselines.layers import (
     AttentionBlock,
@@ -72,7 +73,8 @@ from stages.models.baselines.layers import (
     PositionalEncoding,
     init_weights,
 )
-from stages.models.baselines.msl import multi_scale_proposals
+from stages.models.baselines.msl import multi_scale_proposals, multi_scale_windows
+from stages.models.baselines.preprocessing import frame_ranges
 from stages.models.baselines.prototype_generators import (
     PerceiverGenerator,
     PrototypeGenerator,
@@ -278,6 +280,22 @@ class Prototypes(BaselineModel):
         """[N_v, 2 L_p, D] unit-norm prototypes, clip branch first: all that is stored per video."""
         prototypes = [self.branches[name](*self._rows(batch, name))[0] for name in BRANCHES]
         return F.normalize(torch.cat(prototypes, dim=1), dim=-1)
+
+    def moment_units(self, batch: VideoBatch, num_frames: Sequence[int]) -> MomentUnits:
+        """Every prototype, placed on the input row it attends most (a clip span, a clip or a frame)."""
+        cfg = self.preprocess_config()
+        clips = clip_windows(num_frames, cfg)
+        length = batch.frame_feats.shape[1]
+        rows = {
+            "clip": multi_scale_windows(clips) if self.cfg.exhaustive_clips else clips,
+            "frame": torch.stack([torch.from_numpy(frame_ranges(t, cfg)[:length] / t) for t in num_frames]).float(),
+        }
+        windows = []
+        for name in BRANCHES:
+            _, attention = self.branches[name](*self._rows(batch, name))
+            focus = attention.argmax(dim=-1).cpu()  # [B, L_p]
+            windows.append(rows[name].gather(1, focus[..., None].expand(-1, -1, 2)))
+        return MomentUnits(torch.arange(2 * self.cfg.num_prototypes), torch.cat(windows, dim=1))
 
     def score_branches(self, queries: Tensor, videos: Tensor) -> dict[str, Tensor]:
         """{"clip": S_c, "frame": S_f}: [N_q, N_v] best-prototype cosines of each branch."""
