@@ -779,10 +779,10 @@ def index(
 
     config = _search_config(params, local_overrides)
     propy = params.section("train_propy")
-    keys = {k: propy[k] for k in ("max_words", "tail_fix", "amp") if k in propy}
-    if model_spec(model_name).inputs == "features":
-        keys = {"model_keys": (params.section("baselines").get(model_name) or {}).get("model", {})}
-    choice = ModelChoice.trained(params.base(), model_name, checkpoint, **keys)
+    keys = {k: propy[k] for k in ("max_words", "tail_fix", "amp") if k in propy}  # how ProPy encodes
+    choice = ModelChoice.trained(
+        params.base(), model_name, checkpoint, **(keys if model_spec(model_name).inputs == "frames" else {})
+    )
     summary = run_index(Path(video_dir), Path(out), choice, params.config("decode", DecodeConfig), config)
     click.echo(summary.describe())
 

@@ -51,7 +51,7 @@ def link_videos(video_ids: list[str], source: Path, target: Path, extension: str
 
 def window_share(index: Path, results: list[dict]) -> float:
     """Share of results whose [start, end] is a ProPy event window times the video's duration (1.0 expected)."""
-    model = load_search_model(ModelChoice(**read_manifest(index)["model"]), "cpu")
+    model = load_search_model(ModelChoice.from_dict(read_manifest(index)["model"], f"{index}/index.json:model"), "cpu")
     if not isinstance(model, PropySearchModel):
         return float("nan")
     windows = model.encoder.unit_windows.numpy()

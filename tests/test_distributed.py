@@ -23,6 +23,7 @@ from stages.train.distributed import (
     world_info_from_env,
     wrap_ddp,
 )
+from tests.tiny_baselines import TINY_BASELINES, tiny_keys
 
 
 def test_world_info_reads_torchrun_then_slurm_then_defaults_to_one_process() -> None:
@@ -170,18 +171,7 @@ def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path: Path) ->
 
 # ---- the baselines: DDP and gathered encodings give one process's loss and gradients -----------------------------
 
-BASELINE_DIMS = {"visual_input_size": 6, "query_input_size": 5, "hidden_size": 8, "n_heads": 2, "max_ctx_l": 10}
-NO_DROPOUT = {"input_drop": 0.0, "drop": 0.0}
-DYGMM = {"max_desc_l": 6, "map_size": 4, "dygmm_widths": (None, 0.5, 5.0), **NO_DROPOUT}  # w 0.1 needs M > 4
-BASELINE_CONFIGS = {
-    "msl": {"max_desc_l": 6, "map_size": 4, **NO_DROPOUT},
-    "gmmformer": {"max_desc_l": 6, "map_size": 4, **NO_DROPOUT},
-    "prototypes": {"max_desc_l": 6, "map_size": 4, "num_prototypes": 3, **NO_DROPOUT},
-    "gmmformer2": DYGMM,  # batch-wide QDL and Hungarian clip assignment
-    "msc": {**DYGMM, "merge_targets": (6, 4), "adaptive_ranks": ((0.5, 2), (0.3, 3)), "sim_thr": 0.3},  # + RKD
-    "amdnet": {"map_size": 4, "event_size": 2, **NO_DROPOUT},  # span diversity and moment relevance per item
-    "hlformer": {"max_desc_l": 6, "map_size": 4, "lorentz_dim": 7, "attention_num": 4, **NO_DROPOUT},  # entailment
-}
+BASELINE_DIMS = {"visual_input_size": 6, "query_input_size": 5}
 FRAMES = [9, 4, 14, 6, 3, 11]  # rows 9, 4, 10 (resampled), 6, 3, 10: the ranks pad to different lengths
 QUERIES = [1, 3, 2, 1, 2, 3]
 
@@ -191,7 +181,7 @@ def baseline_model(name: str) -> torch.nn.Module:
     from stages.models import build_model, model_spec
 
     torch.manual_seed(0)
-    return build_model(name, cfg=model_spec(name).config(**BASELINE_DIMS, **BASELINE_CONFIGS[name])).double()
+    return build_model(name, cfg=model_spec(name).config(**BASELINE_DIMS, **tiny_keys(name))).double()
 
 
 def baseline_items(name: str) -> list:
@@ -244,7 +234,7 @@ def baseline_loss(name: str, items: list, gather=None, device: torch.device | No
 def _baseline_worker(rank: int, port: int, out: str) -> None:
     _join(rank, port)
     with distributed_run("cpu") as (_, device):
-        for name in BASELINE_CONFIGS:
+        for name in TINY_BASELINES:
             mine = baseline_items(name)[rank * 3 : (rank + 1) * 3]
             loss, model, _ddp = baseline_loss(name, mine, gather_batch, device)
             loss.backward()
@@ -252,18 +242,12 @@ def _baseline_worker(rank: int, port: int, out: str) -> None:
             torch.save({"loss": loss.detach(), "grads": grads}, Path(out) / f"{name}{rank}.pt")
 
 
-def test_every_trained_baseline_is_in_the_two_rank_test() -> None:
-    from stages.models import available_models, model_spec
-
-    assert {name for name in available_models("features") if model_spec(name).trainable} == set(BASELINE_CONFIGS)
-
-
 def test_two_gloo_ranks_train_baselines_like_one_process(tmp_path: Path) -> None:
     """Every baseline's batch-level terms (MS-SL's and GMMFormer's, Prototypes' decoders and guidance, GMMFormer v2's
     QDL and clip assignment, MSC's video-level alignment and RKD, AMDNet's span and moment terms, HLFormer's
     entailment) see the global batch: 2 ranks of 3 videos give one process's loss and gradients on all 6."""
     mp.spawn(_baseline_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    for name in BASELINE_CONFIGS:
+    for name in TINY_BASELINES:
         loss, model, _ = baseline_loss(name, baseline_items(name))
         loss.backward()
         expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

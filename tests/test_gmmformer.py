@@ -118,3 +118,12 @@ def test_training_step_has_all_terms() -> None:
         sum(parts[k].item() for k in ("clip_nce", "clip_trip", "frame_nce", "frame_trip", "qdl"))
     )
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_mask_first_cached_during_evaluation_serves_training() -> None:
+    """Evaluation (inference mode) may meet a sequence length first; training with that length must not crash."""
+    with torch.inference_mode():
+        gaussian_mask(11, 0.5)
+    weights = torch.ones(11, 11, requires_grad=True)
+    (weights * gaussian_mask(11, 0.5)).sum().backward()
+    torch.testing.assert_close(weights.grad, gaussian_mask(11, 0.5))

@@ -214,3 +214,21 @@ def test_training_on_the_real_collates_and_the_loss_falls() -> None:
         EvalConfig(split="train", moment_retrieval=False, measure_efficiency=False),
     )
     assert 0 <= metrics["SumR"] <= 400 and metrics["num_videos"] == 4
+
+
+def test_moment_units_are_the_merged_clips_covering_each_video_in_order() -> None:
+    """Search places MSC's clips on the raw frames merged into them: consecutive spans that tile each video."""
+    lengths = [5, 16, 40]  # fewer raw frames than rows (repeated), exactly max_ctx_l, more (averaged)
+    videos, _, _ = _toy_sources(3, lengths)
+    batch = collate_videos(list(VideoDataset(list(videos), videos, SMALL.preprocess())))
+    units = MSC(SMALL).eval().moment_units(batch, lengths)
+    assert units.rows.tolist() == list(range(SMALL.map_size))
+    windows = units.windows.numpy()
+    assert windows.shape == (3, SMALL.map_size, 2) and not np.isnan(windows).any()
+    np.testing.assert_allclose(windows[:, 0, 0], 0.0)
+    np.testing.assert_allclose(windows[:, -1, 1], [1.0, 1.0, 39 / 40])  # official averaging drops the last frame
+    assert (windows[..., 1] > windows[..., 0]).all()
+    assert (windows[:, 1:, 0] >= windows[:, :-1, 0]).all() and (windows[:, 1:, 1] >= windows[:, :-1, 1]).all()
+    labels = batch.frame_labels.numpy()
+    sizes = np.stack([np.bincount(row, minlength=SMALL.map_size) for row in labels])
+    torch.testing.assert_close(batch.clip_sizes, torch.from_numpy(sizes).to(batch.clip_sizes.dtype))

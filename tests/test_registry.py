@@ -9,6 +9,7 @@ import yaml
 
 from stages.data.errors import PipelineError
 from stages.models import available_models, build_model, model_spec
+from tests.tiny_baselines import TINY_BASELINES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,11 @@ def test_every_trainable_baseline_names_its_config_and_builds_from_it() -> None:
         if spec.trainable:
             assert spec.config is not None, name
             assert callable(build_model(name, cfg=spec.config()).score_fn), name
+
+
+def test_every_trainable_baseline_has_a_tiny_config_for_the_tests_that_cover_them_all() -> None:
+    trainable = {name for name in available_models("features") if model_spec(name).trainable}
+    assert trainable == set(TINY_BASELINES)
 
 
 def test_unknown_model_names_the_registered_ones() -> None:

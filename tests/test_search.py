@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from click.testing import CliRunner
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import stages.search.index as index_module
+from pipeline import cli
 from stages.data.checkpoint import save_checkpoint
 from stages.data.errors import PipelineError
 from stages.data.frame_cache import FrameCache
@@ -26,16 +28,17 @@ from stages.data.frame_dataset import FrameDataset
 from stages.evaluate.retrieval import ScoringConfig, similarity_matrix
 from stages.extract.decode import DecodeConfig
 from stages.extract.features import encode_videos, query_features
-from stages.models import build_model
+from stages.models import available_models, build_model
 from stages.models.baselines.data import QueryDataset, VideoDataset, collate_queries, collate_videos
 from stages.models.clip_backbone import file_sha256, load_clip
 from stages.models.propy import ProPyConfig
 from stages.models.propy_import import load_propy
 from stages.models.pyramid import PyramidConfig
-from stages.models.trained import PropyEncoder, baseline_config, load_trained_baseline
+from stages.models.trained import PropyEncoder, baseline_config, load_baseline, save_baseline
 from stages.search.index import SearchConfig, run_index, scan_folder, video_key
 from stages.search.models import ModelChoice
 from stages.search.search import Searcher
+from tests.tiny_baselines import tiny_keys
 from tests.videos import make_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +47,6 @@ CONFIG = SearchConfig(device="cpu", batch_videos=3)
 TOY_PROPY = ProPyConfig(
     pyramid=PyramidConfig(num_frames=4, offset=(1, 1)), num_visual_prompts=2, adapter_channels=8, adapter_kernel=3
 )
-BASELINE_KEYS = {"hidden_size": 32, "max_ctx_l": 16, "max_desc_l": 16, "map_size": 4}
-MODEL_KEYS = {"msl": BASELINE_KEYS, "gmmformer": BASELINE_KEYS, "prototypes": {**BASELINE_KEYS, "num_prototypes": 3}}
 QUERIES = ["a bright bar slides to the right", "a grey background", "something moves", "a flash of noise"]
 MAX_WORDS = 12
 
@@ -70,13 +71,10 @@ def trained_choice(root: Path, name: str, clip_weights: Path) -> ModelChoice:
         return ModelChoice("propy", str(path), str(clip_weights), max_words=MAX_WORDS, tail_fix=True)
     if name == "clip_mil":
         return ModelChoice(name, None, str(clip_weights))
-    config = baseline_config(name, MODEL_KEYS[name], load_clip(clip_weights)[1].embed_dim)
-    directory = root / name
-    directory.mkdir(parents=True)
-    save_file(build_model(name, cfg=config).state_dict(), str(directory / "model.safetensors"))
+    config = baseline_config(name, tiny_keys(name), load_clip(clip_weights)[1].embed_dim)
     record = {"model": name, "model_config": dataclasses.asdict(config), "select_split": "val", "best_epoch": 1}
-    (directory / "training.json").write_text(json.dumps(record))
-    return ModelChoice(name, str(directory), str(clip_weights), model_keys=MODEL_KEYS[name])
+    directory = save_baseline(root / name, build_model(name, cfg=config).state_dict(), record)
+    return ModelChoice(name, str(directory), str(clip_weights))
 
 
 def evaluation_scores(choice: ModelChoice, cache: FrameCache, keys: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -98,8 +96,7 @@ def evaluation_scores(choice: ModelChoice, cache: FrameCache, keys: list[str]) -
         if choice.name == "clip_mil":
             model = build_model("clip_mil", max_frames=max(len(f) for f in features.values()))
         else:
-            expected = baseline_config(choice.name, choice.model_keys, arch.embed_dim)
-            model, _ = load_trained_baseline(Path(choice.checkpoint), expected)
+            model, _, _ = load_baseline(choice.checkpoint, choice.name)
         preprocess = model.preprocess_config()
         loader = DataLoader(VideoDataset(keys, features, preprocess), batch_size=16, collate_fn=collate_videos)
         videos = torch.cat([model.encode_videos(batch) for batch in loader])
@@ -119,7 +116,7 @@ def stable_order(row: np.ndarray) -> list[int]:
     return np.lexsort((np.arange(len(row)), -row)).tolist()
 
 
-@pytest.mark.parametrize("name", ["propy", "msl", "gmmformer", "prototypes", "clip_mil"])
+@pytest.mark.parametrize("name", available_models())
 def test_search_ranks_as_evaluation_with_the_models_windows(tmp_path: Path, tiny_clip_weights: Path, name: str) -> None:
     make_videos(tmp_path / "videos")
     choice = trained_choice(tmp_path, name, tiny_clip_weights)
@@ -143,7 +140,7 @@ def test_search_ranks_as_evaluation_with_the_models_windows(tmp_path: Path, tiny
             assert Path(hit.path) == tmp_path / "videos" / records[video].path
             if name == "propy":  # the window of the event the MIL max picked, in seconds
                 assert np.allclose([hit.start, hit.end], np.array(windows[best_row[video]]) * duration, atol=1e-3)
-            elif best is not None:  # msl, gmmformer: the key clip; clip_mil: the best frame
+            elif best is not None:  # the key clip (prototypes: none); clip_mil: the best frame
                 assert hit.unit == best_row[video]
     subset = searcher.search(QUERIES[:1], top_k=5, video_glob="part/*")[0]
     assert [h.video_id for h in subset] == ["part/clip1"]
@@ -151,6 +148,33 @@ def test_search_ranks_as_evaluation_with_the_models_windows(tmp_path: Path, tiny
     assert [h.video_id for h in searcher.search(QUERIES[:1], 5, min_score=threshold)[0]] == [
         h.video_id for h in hits[0][:2]
     ]
+
+
+def test_an_imported_official_checkpoint_indexes_and_searches_like_the_model(
+    tmp_path: Path, tiny_clip_weights: Path
+) -> None:
+    """HLFormer (its manifolds share one curvature tensor): official state dict -> import-checkpoint -> index."""
+    make_videos(tmp_path / "videos", (2, 3, 4))
+    reference = trained_choice(tmp_path, "hlformer", tiny_clip_weights)
+    official = tmp_path / "official.pth"
+    torch.save({"model": load_file(str(Path(reference.checkpoint) / "model.safetensors"))}, official)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"baselines": {"hlformer": {"model": tiny_keys("hlformer")}}}))
+    imported = tmp_path / "imported"
+    result = CliRunner().invoke(
+        cli, ["--params", str(params), "import-checkpoint", str(official), str(imported), "--model", "hlformer"]
+    )
+    assert result.exit_code == 0, result.output
+    choice = dataclasses.replace(reference, checkpoint=str(imported))
+    run_index(tmp_path / "videos", tmp_path / "index", choice, FRAMES, CONFIG)
+    searcher = Searcher(tmp_path / "index", CONFIG)
+    scores, _, _ = evaluation_scores(
+        reference, FrameCache(tmp_path / "index" / "frames.zarr"), [r.key for r in searcher.videos]
+    )
+    hits = searcher.search(QUERIES[:2], top_k=3)
+    for row, query_hits in zip(scores[:2], hits, strict=True):
+        assert [h.video_id for h in query_hits] == [searcher.videos[v].video_id for v in stable_order(row)]
+        assert np.allclose([h.score for h in query_hits], row[stable_order(row)], atol=1e-3)
 
 
 @pytest.fixture()

@@ -60,7 +60,8 @@ def save_baseline(directory: str | Path, state_dict: Mapping[str, torch.Tensor],
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "model.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+    # own copies: safetensors refuses tensors that share memory (HLFormer's manifolds share one curvature `k`)
+    save_file({k: v.detach().cpu().clone() for k, v in state_dict.items()}, str(tmp))
     os.replace(tmp, directory / "model.safetensors")
     atomic_write_text(directory / "training.json", json.dumps(record, indent=2, sort_keys=True))
     return directory

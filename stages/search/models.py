@@ -6,6 +6,8 @@
   CLIP frame features computed by the `features` stage's code, the model's own `encode_videos`, and
   `model.moment_units` for which packed rows are moments and where (`BaselineModel.moment_units`). Models with a
   `score_fn` keep their packed tensor, so search scores them with it, as evaluation does.
+Models are loaded from their path as evaluation loads them (`load_trained_propy(..., checkpoint=)`, `load_baseline`),
+so a checkpoint written by `import-checkpoint` indexes like a trained one, whatever config it records.
 The identity of a model (weights sha256 and config) is what an index records and checks.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.data.config import BaseConfig
+from stages.data.checkpoint import load_checkpoint
+from stages.data.config import BaseConfig, config_from_dict
 from stages.data.device import autocast_dtype, resolve_device
 from stages.data.errors import PipelineError
 from stages.data.files import file_sha256
@@ -36,8 +39,7 @@ from stages.models import build_model, model_spec
 from stages.models.baselines.data import QueryDataset, VideoDataset, collate_queries, collate_videos
 from stages.models.clip_backbone import load_clip
 from stages.models.propy import ProPy
-from stages.models.propy_import import load_propy
-from stages.models.trained import PropyEncoder, baseline_config, baseline_dir, load_trained_baseline, propy_dir
+from stages.models.trained import PropyEncoder, baseline_dir, load_baseline, load_trained_propy, propy_dir
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,7 @@ class ModelChoice:
 
     name: str  # a registered model: propy or a feature model (msl, gmmformer, prototypes, clip_mil, ...)
     checkpoint: str | None  # ProPy checkpoint file or baseline folder (None: nothing to load, frozen-CLIP MIL)
-    clip_weights: str  # the frozen CLIP weights file (base.clip_weights)
-    model_keys: dict[str, Any] = field(default_factory=dict)  # feature baselines: `baselines.<name>.model`
+    clip_weights: str  # the CLIP of feature models; ProPy's unless its checkpoint records an existing one
     max_words: int = 32  # ProPy: tokens per query (train_propy.max_words)
     tail_fix: bool = False  # ProPy: frame sampling (train_propy.tail_fix)
     amp: bool = True  # mixed precision on GPUs (train_propy.amp)
@@ -63,8 +64,13 @@ class ModelChoice:
         return cls(name, resolved, str(Path(base.clip_weights).resolve()), **settings)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able mapping that the constructor takes back."""
+        """A JSON-able mapping that `from_dict` takes back."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> ModelChoice:
+        """The choice `to_dict` wrote (unknown or mistyped keys: an error naming `where`)."""
+        return config_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class SearchModel(abc.ABC):
 class PropySearchModel(SearchModel):
     """ProPy: the events of its pyramid are the units."""
 
-    def __init__(self, model: ProPy, choice: ModelChoice, clip_sha256: str, device: torch.device) -> None:
+    def __init__(self, model: ProPy, choice: ModelChoice, clip_sha256: str | None, device: torch.device) -> None:
         self.name = choice.name
         self.encoder = PropyEncoder(model, device, autocast_dtype(device, choice.amp), choice.max_words)
         self.tail_fix = choice.tail_fix
@@ -176,27 +182,34 @@ class FeatureSearchModel(SearchModel):
 
 
 def load_search_model(choice: ModelChoice, device_name: str = "auto", batch_frames: int = 256) -> SearchModel:
-    """Build the trained model of `choice` (a clear error when its checkpoint or CLIP file is missing);
-    `batch_frames` frames per CLIP forward for feature models."""
+    """Load the trained model of `choice` from its path (a clear error when its checkpoint or CLIP file is missing,
+    or when its input sizes are not the CLIP's); `batch_frames` frames per CLIP forward for feature models."""
     spec = model_spec(choice.name)
     device = resolve_device(device_name)
-    if not Path(choice.clip_weights).is_file():
-        raise PipelineError(f"CLIP weights {choice.clip_weights} do not exist (base.clip_weights)")
     if spec.trainable and (choice.checkpoint is None or not Path(choice.checkpoint).exists()):
         raise PipelineError(
             f"no trained {choice.name} at {choice.checkpoint}: train it (`dvc repro`) or give --checkpoint PATH"
         )
     if spec.inputs == "frames":
-        model = load_propy(choice.checkpoint, choice.clip_weights).to(device)
-        return PropySearchModel(model, choice, file_sha256(choice.clip_weights), device)
+        fallback = BaseConfig(clip_weights=choice.clip_weights)  # all that loading reads of `base`
+        model, _ = load_trained_propy(fallback, device, choice.checkpoint)
+        clip_sha256 = load_checkpoint(choice.checkpoint).get("clip_sha256")  # what loading checked the CLIP against
+        return PropySearchModel(model, choice, clip_sha256, device)
+    if not Path(choice.clip_weights).is_file():
+        raise PipelineError(f"CLIP weights {choice.clip_weights} do not exist (base.clip_weights)")
     clip, arch = load_clip(choice.clip_weights)
     identity: dict[str, Any] = {"model": choice.name, "clip_sha256": file_sha256(choice.clip_weights)}
     if spec.trainable:
-        expected = baseline_config(choice.name, choice.model_keys, arch.embed_dim)
-        model, _ = load_trained_baseline(Path(choice.checkpoint), expected)
+        model, config, _ = load_baseline(choice.checkpoint, choice.name)
+        sizes = (config.visual_input_size, config.query_input_size)
+        if sizes != (arch.embed_dim, arch.embed_dim):
+            raise PipelineError(
+                f"{choice.checkpoint} reads features of sizes (video, text) {sizes}; the CLIP {choice.clip_weights} "
+                f"gives {arch.embed_dim} (set base.clip_weights to the CLIP it was trained on)"
+            )
         identity.update(
             weights_sha256=file_sha256(Path(choice.checkpoint) / "model.safetensors"),
-            config=dataclasses.asdict(expected),
+            config=dataclasses.asdict(config),
         )
     else:
         model = build_model(choice.name)

@@ -63,7 +63,8 @@ class Searcher:
         self.layout = IndexLayout(Path(root).resolve())
         manifest = read_manifest(self.layout.root)
         self.video_dir = Path(manifest["video_dir"])
-        self.model = load_search_model(ModelChoice(**manifest["model"]), config.device, config.batch_frames)
+        choice = ModelChoice.from_dict(manifest["model"], f"{self.layout.manifest}:model")
+        self.model = load_search_model(choice, config.device, config.batch_frames)
         recorded = {k: v for k, v in manifest["identity"].items() if k != "frames"}
         if recorded != self.model.identity:
             raise PipelineError(

@@ -76,11 +76,14 @@ def gaussian_mask(length: int, width: float, device: torch.device | None = None)
 
     Row i is centred at i / L while the column grid is linspace(0, 1, L) = j / (L - 1), so the peak drifts left.
     Very narrow widths on very short sequences (w = 0.1 for L <= 4) underflow and are refused.
-    Cached per (length, width, device); the returned tensor must not be modified in place.
+    Cached per (length, width, device); the returned tensor must not be modified in place. It is made outside
+    inference mode, so a mask first cached by an evaluation also serves training.
     """
-    centres = (torch.arange(length, dtype=torch.float32, device=device) / length)[:, None]
-    width_tensor = torch.tensor(width, dtype=torch.float32, device=device)
-    mask = gaussian_window(torch.linspace(0, 1, length, dtype=torch.float32, device=device), centres, width_tensor)
+    with torch.inference_mode(False):
+        centres = (torch.arange(length, dtype=torch.float32, device=device) / length)[:, None]
+        width_tensor = torch.tensor(width, dtype=torch.float32, device=device)
+        grid = torch.linspace(0, 1, length, dtype=torch.float32, device=device)
+        mask = gaussian_window(grid, centres, width_tensor)
     if mask.isnan().any():
         raise ValueError(f"Gaussian width {width} is too narrow for length {length}: a row underflows to 0 in float32")
     return mask

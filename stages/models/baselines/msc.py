@@ -21,6 +21,7 @@ Only MSC's own parts are here; the encoders are GMMFormer v2's (`gmmformer2`), t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,12 +29,12 @@ import torch
 from torch import nn
 
 from stages.data.errors import PipelineError
-from stages.models.baselines.base import Encodings, TrainingStep
+from stages.models.baselines.base import Encodings, MomentUnits, TrainingStep
 from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
 from stages.models.baselines.gmmformer2 import GMMFormer2, GMMFormer2Config
 from stages.models.baselines.layers import init_weights
 from stages.models.baselines.msc_losses import VideoAlignment, rkd_angle, rkd_distance, video_level_alignment
-from stages.models.baselines.preprocessing import PreprocessConfig, bin_edges, l2_normalize, resample
+from stages.models.baselines.preprocessing import PreprocessConfig, bin_edges, bin_ranges, l2_normalize, resample
 from stages.models.registry import register_model
 
 
@@ -74,10 +75,14 @@ class MSCPreprocessConfig(PreprocessConfig):
 
     merge_targets: tuple[int, ...] = (80, 52, 32)  # rows after each merge stage; the last is map_size
 
+    def average_edges(self, num_frames: int) -> np.ndarray:
+        """The bin edges that average a video's `num_frames` raw frames into max_ctx_l rows (§3, float32)."""
+        return bin_edges(num_frames, self.max_ctx_l, "float32", self.clamp_last_edge)
+
     def average(self, frames: np.ndarray) -> np.ndarray:
         """[max_ctx_l, d_v] float32 averages of the raw frames [T, d_v] (not normalised)."""
         x = np.asarray(frames, dtype=np.float32)
-        return resample(x, bin_edges(len(x), self.max_ctx_l, "float32", self.clamp_last_edge))
+        return resample(x, self.average_edges(len(x)))
 
     def merge_stages(self, averaged: np.ndarray) -> list[MergeStage]:
         """Every merge stage of one video's averaged rows [max_ctx_l, d_v]."""
@@ -156,6 +161,13 @@ class MSCConfig(GMMFormer2Config):
         )
 
 
+def _merged(batch: VideoBatch) -> VideoBatch:
+    """`batch`, which must carry the merge of MSC's preprocessing (`clip_sizes`, `frame_labels`)."""
+    if batch.clip_sizes is None or batch.frame_labels is None:
+        raise PipelineError("MSC needs the clips' merge sizes: preprocess videos with the model's preprocess_config()")
+    return batch
+
+
 def teacher_tokens(queries: QueryBatch) -> torch.Tensor:
     """[N, d_t] the last real row of each preprocessed query (its CLIP EOT feature unless it was truncated)."""
     last = queries.query_mask.sum(dim=1).long() - 1
@@ -175,11 +187,20 @@ class MSC(GMMFormer2):
 
     def clip_key_bias(self, batch: VideoBatch) -> torch.Tensor:
         """`log w_j`: the merge size of each clip, added to the clip block's key logits."""
-        if batch.clip_sizes is None:
-            raise PipelineError(
-                "MSC needs the clips' merge sizes: preprocess videos with the model's preprocess_config()"
-            )
-        return torch.log(batch.clip_sizes)
+        return torch.log(_merged(batch).clip_sizes)
+
+    def moment_units(self, batch: VideoBatch, num_frames: Sequence[int]) -> MomentUnits:
+        """The M merged clips, packed first; each spans the raw frames of the averaged rows merged into it (the
+        merge keeps the order, so a clip's rows are consecutive)."""
+        labels = _merged(batch).frame_labels.cpu().numpy()
+        clips = np.arange(self.cfg.map_size)
+        windows = []
+        for row, total in enumerate(num_frames):
+            ranges = bin_ranges(self.preprocess_config().average_edges(total))  # raw frames per row
+            first = np.searchsorted(labels[row], clips, side="left")
+            last = np.searchsorted(labels[row], clips, side="right") - 1
+            windows.append(np.stack([ranges[first, 0], ranges[last, 1]], axis=1) / total)
+        return MomentUnits(torch.from_numpy(clips), torch.from_numpy(np.stack(windows)).float())
 
     def loss_inputs(self, batch: TrainBatch) -> tuple[Encodings, Encodings]:
         """What the video-level alignment reads per video (the clip rows, their merge sizes, each frame row's clip)
