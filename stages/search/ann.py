@@ -15,9 +15,9 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from tqdm import tqdm
 
 from stages.data.errors import PipelineError
+from stages.data.progress import progress_bar
 
 ANN_FILE = "ann.faiss"
 
@@ -75,7 +75,8 @@ def build_ann(units: np.ndarray, config: AnnConfig, path: Path) -> Path:
     sample = max(config.train_units, 40 * lists)
     step = max(1, num_units // sample)
     index.train(np.ascontiguousarray(units[::step][:sample], dtype=np.float32))
-    for start in tqdm(range(0, num_units, config.chunk_units), desc="approximate index", unit="chunk", leave=False):
+    chunks = range(0, num_units, config.chunk_units)
+    for start in progress_bar(chunks, desc="approximate index", unit="chunk", leave=False):
         index.add(np.ascontiguousarray(units[start : start + config.chunk_units], dtype=np.float32))
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(tmp))

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from stages.data.errors import PipelineError
 from stages.data.files import atomic_write_text, file_fingerprint, same_file
 from stages.data.frame_cache import FrameCache, ensure_cache
+from stages.data.progress import progress_bar
 from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, is_up_to_date, run_decode_jobs
 from stages.search.ann import ANN_FILE, AnnConfig, build_ann
 from stages.search.engine import EngineConfig
@@ -280,7 +280,7 @@ def _decode(
     if len(jobs) > 1 and frames.workers > 1:
         outcomes = run_decode_jobs(jobs, frames, done_before=len(todo) - len(jobs))
     else:
-        outcomes = [decode_task(job) for job in tqdm(jobs, desc="decode", unit="video", disable=not jobs)]
+        outcomes = [decode_task(job) for job in progress_bar(jobs, desc="decode", unit="video", disable=not jobs)]
     reasons = {o.video_id: o.reason for o in outcomes if o.reason is not None}
     return [f for f in todo if f.key not in reasons], [(f, reasons[f.key]) for f in todo if f.key in reasons]
 
@@ -297,7 +297,7 @@ def _encode(
     records."""
     layout.vectors.mkdir(parents=True, exist_ok=True)
     records = []
-    with tqdm(total=len(videos), desc=f"index ({model.name})", unit="video", disable=not videos) as bar:
+    with progress_bar(total=len(videos), desc=f"index ({model.name})", unit="video", disable=not videos) as bar:
         for batch in _batches(videos, config.batch_videos):
             for video, encoded in zip(batch, model.encode_videos(cache, [v.key for v in batch]), strict=True):
                 records.append(_write_video(layout, cache, video, video_dir, encoded, config))
@@ -382,7 +382,7 @@ def _consolidate(layout: IndexLayout, records: list[VideoRecord], model: SearchM
     dim = first["units"].shape[1] if first is not None else 1
     packed_shape = tuple(first["packed"].shape) if first is not None and "packed" in first else None
     writer = StoreWriter(layout.store, sum(r.units for r in records), len(records), dim, packed_shape)
-    for record in tqdm(records, desc="store", unit="video", leave=False):
+    for record in progress_bar(records, desc="store", unit="video", leave=False):
         arrays = _load_vectors(layout, record.key)
         packed = arrays["packed"][None] if "packed" in arrays else None
         writer.add([record], arrays["units"], arrays["windows"], arrays["thumbs"], packed)
