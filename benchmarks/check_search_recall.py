@@ -1,13 +1,15 @@
 """Done-when check of search: `index` + `search` with a trained model find each caption's video in their top 10 as
-often as `evaluate` says (the same model's R@10 on the same videos), with the model's own windows.
+often as `evaluate` says (the same model's R@10 on the same videos), with the model's own windows; captions ranked
+differently are listed with the score gap that decided them (fp16 storage of the units can swap near-ties).
 
     PYTHONPATH=. python benchmarks/check_search_recall.py                    # ProPy on the synthetic test split
     PYTHONPATH=. python benchmarks/check_search_recall.py --model msl        # any evaluated model
 
 It runs the real commands: the split's videos are hard-linked into a temporary folder, `python pipeline.py index`
 indexes them with the trained model, `python pipeline.py search --queries` searches every caption of the split
-(top 10), and the share of captions whose video is in the top 1, 5 and 10 is printed beside R1, R5 and R10 of
-`metrics/<dataset>/<model>.json` (written by `python pipeline.py evaluate`). For ProPy it also checks that every
+(top TOP_K), and the share of captions whose video is in the top 1, 5 and 10 is printed beside R1, R5 and R10 of
+`metrics/<dataset>/<model>.json` (written by `python pipeline.py evaluate`), then every caption whose rank differs
+from that file's per-query rank (`ranks`). For ProPy it also checks that every
 result's window is one of the pyramid's event windows scaled to the video's duration.
 """
 
@@ -30,6 +32,7 @@ from stages.search.models import ModelChoice, PropySearchModel, load_search_mode
 from stages.search.store import UnitStore
 
 REPO = Path(__file__).resolve().parents[1]
+TOP_K = 20  # results per caption: ranks up to 20 are compared with evaluate's
 
 
 def pipeline(*args: str) -> str:
@@ -87,21 +90,29 @@ def main() -> None:
         print(pipeline(*common, "index", str(work / "videos"), "--model", args.model, "--out", str(work / "index")))
         (work / "captions.txt").write_text("".join(q.query.replace("\n", " ") + "\n" for q in queries))
         found = pipeline(
-            *common, "search", str(work / "index"), "--queries", str(work / "captions.txt"), "--top-k", "10"
+            *common, "search", str(work / "index"), "--queries", str(work / "captions.txt"), "--top-k", str(TOP_K)
         )
         results = [json.loads(line) for line in found.splitlines()]
         share = window_share(work / "index", results)
     if len(results) != len(queries):
         raise SystemExit(f"{len(results)} result lines for {len(queries)} captions")
-    ranks = []
-    for query, result in zip(queries, results, strict=True):
+    ranks, differences = [], []
+    for query, result, expected in zip(queries, results, metrics["ranks"], strict=True):
         ids = [hit["video_id"] for hit in result["results"]]
-        ranks.append(ids.index(query.video_id) + 1 if query.video_id in ids else 11)
+        rank = ids.index(query.video_id) + 1 if query.video_id in ids else TOP_K + 1
+        ranks.append(rank)
+        if rank != expected and min(rank, expected) <= TOP_K:
+            scores = [hit["score"] for hit in result["results"]]
+            gap = abs(scores[rank - 1] - scores[expected - 1]) if max(rank, expected) <= TOP_K else float("nan")
+            differences.append((query.query_id, expected, rank, gap))
     ranks = np.array(ranks)
     print(f"{args.model}, split {args.split}: {len(queries)} captions, {len(video_ids)} videos")
     print(f"{'':>10} {'search':>8} {'evaluate':>9}")
     for k in (1, 5, 10):
         print(f"{f'R@{k}':>10} {100 * np.mean(ranks <= k):>8.2f} {metrics[f'R{k}']:>9.2f}")
+    print(f"captions ranked differently from evaluate (ranks <= {TOP_K}): {len(differences)}")
+    for query_id, expected, rank, gap in differences:
+        print(f"  {query_id}: evaluate rank {expected}, search rank {rank}, score gap {gap:.2e}")
     if not np.isnan(share):
         print(f"results whose window is a ProPy event window x duration: {100 * share:.1f} %")
 
