@@ -151,15 +151,15 @@ def efficiency_tradeoff(results: dict[str, dict[str, Any]], path: Path, dpi: int
     for name, result in sorted(measured.items()):
         efficiency = result["efficiency"]
         y, yerr = result["SumR"], _error_bar(result, "SumR")
-        axes[0].errorbar(efficiency["bytes_per_video"], y, yerr=yerr, fmt="o", capsize=3, color=colours[name])
-        axes[0].annotate(name, (efficiency["bytes_per_video"], y), textcoords="offset points", xytext=(5, 5))
+        axes[0].errorbar(
+            efficiency["bytes_per_video"], y, yerr=yerr, fmt="o", capsize=3, color=colours[name], label=name
+        )
         times = efficiency.get("total_ms_per_query", {})
         if times:
             size = max(times, key=int)
             sizes.add(size)
             spread = efficiency.get("total_ms_per_query_iqr", {}).get(size, 0.0) / 2
             axes[1].errorbar(times[size], y, xerr=spread, yerr=yerr, fmt="o", capsize=3, color=colours[name])
-            axes[1].annotate(name, (times[size], y), textcoords="offset points", xytext=(5, 5))
     axes[0].set_xlabel("bytes stored per video (log scale)")
     corpus = "/".join(sorted(sizes, key=int)) or "?"
     axes[1].set_xlabel(f"total ms per query, encoding + matching, @ {corpus} videos (log scale)")
@@ -168,6 +168,7 @@ def efficiency_tradeoff(results: dict[str, dict[str, Any]], path: Path, dpi: int
         ax.margins(x=0.2)
         ax.set_ylabel("SumR")
         ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize="small")  # a legend, not labels at the points: close models' labels would overlap
     device = sorted({r["efficiency"].get("device", "?") for r in measured.values()})
     figure.suptitle(
         f"Accuracy against storage and latency (timings on {', '.join(device)}; bars: SumR's 95 % interval, time IQR)"
