@@ -63,7 +63,7 @@ class OfficialVideoDataset(torch.utils.data.Dataset):
             stream = container.streams.video[0]
             frames = list(container.decode(stream))
             count = min(stream.frames, len(frames)) if stream.frames else len(frames)
-        picks = train_indices(count, self.nf, np.random.default_rng([self.seed, index]))
+        picks = train_indices(count, self.nf, np.random.RandomState([self.seed, index]))  # as FrameDataset
         rgb = np.stack([frames[i].to_rgb().to_ndarray() for i in picks])
         top, left = (rgb.shape[1] - self.size) // 2, (rgb.shape[2] - self.size) // 2
         cropped = torch.from_numpy(rgb[:, top : top + self.size, left : left + self.size])
