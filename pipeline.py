@@ -353,9 +353,6 @@ def section_overrides(fn: F) -> F:
     )(fn)
 
 
-COMMAND_SECTIONS = {"train-propy": "train_propy", "pretrain-clip": "pretrain_clip", "train-baseline": "baselines"}
-
-
 @cli.command("config")
 @click.argument("stage")
 @click.argument("name", required=False)
@@ -366,7 +363,8 @@ def show_config(params: Params, stage: str, name: str | None) -> None:
     `config train-baseline NAME` prints the entry of baseline NAME, its model's keys included.
     """
     params.quiet = True
-    section = COMMAND_SECTIONS.get(stage, stage.replace("-", "_"))
+    command = cli.commands.get(stage)  # a stage's command knows its section; otherwise STAGE names one
+    section = command.section if isinstance(command, StageCommand) else stage.replace("-", "_")
     if section not in SECTIONS:
         raise PipelineError(f"no stage or section {stage!r}{did_you_mean(stage, SECTIONS)}; sections: {list(SECTIONS)}")
     params.use(section)  # relative overrides (-s lr=1e-3) belong to it, as when the stage runs
@@ -776,13 +774,14 @@ def index(
     from stages.models import model_spec
     from stages.search.index import run_index
     from stages.search.models import ModelChoice
+    from stages.train.train_propy import TrainPropyConfig
 
     config = _search_config(params, local_overrides)
-    propy = params.section("train_propy")
-    keys = {k: propy[k] for k in ("max_words", "tail_fix", "amp") if k in propy}  # how ProPy encodes
-    choice = ModelChoice.trained(
-        params.base(), model_name, checkpoint, **(keys if model_spec(model_name).inputs == "frames" else {})
-    )
+    keys = {}
+    if model_spec(model_name).inputs == "frames":  # ProPy encodes as it was trained and evaluated
+        propy = params.config("train_propy", TrainPropyConfig)
+        keys = {"max_words": propy.max_words, "tail_fix": propy.tail_fix, "amp": propy.amp}
+    choice = ModelChoice.trained(params.base(), model_name, checkpoint, **keys)
     summary = run_index(Path(video_dir), Path(out), choice, params.config("decode", DecodeConfig), config)
     click.echo(summary.describe())
 

@@ -31,8 +31,11 @@ from stages.models.baselines.msc_losses import (
     rkd_angle,
     rkd_distance,
 )
+from stages.models.baselines.msc_reference import msc_config
 from stages.models.baselines.reference import fixture_batches, load_fixture
+from stages.models.imported import verify_checkpoint
 from stages.models.reference import TOLERANCE, run_reference_check
+from stages.models.trained import save_baseline
 
 SHARED = MSCConfig(visual_input_size=32, query_input_size=24, hidden_size=48, max_ctx_l=128, max_desc_l=32, map_size=32)
 SMALL = MSCConfig(
@@ -232,3 +235,18 @@ def test_moment_units_are_the_merged_clips_covering_each_video_in_order() -> Non
     labels = batch.frame_labels.numpy()
     sizes = np.stack([np.bincount(row, minlength=SMALL.map_size) for row in labels])
     torch.testing.assert_close(batch.clip_sizes, torch.from_numpy(sizes).to(batch.clip_sizes.dtype))
+
+
+def test_our_msc_file_is_checked_against_the_fixture_it_reproduces(prefix: str, tmp_path: Path) -> None:
+    """`verify-reference msc --checkpoint`: the fixture's model saved by us passes (the fixture's `map_size` is its
+    averaging length; the check's own config builder says how it maps to ours); another config is refused."""
+    config, _, state = load_fixture(prefix)
+    model = MSC(msc_config(config))
+    model.load_state_dict(state, strict=True)
+    record = {"model": "msc", "model_config": dataclasses.asdict(model.cfg)}
+    errors = verify_checkpoint("msc", prefix, save_baseline(tmp_path / "ours", model.state_dict(), record))
+    assert max(errors.values()) <= TOLERANCE
+    other = dataclasses.replace(model.cfg, sim_thr=model.cfg.sim_thr + 0.1)
+    record = {"model": "msc", "model_config": dataclasses.asdict(other)}
+    with pytest.raises(PipelineError, match="sim_thr"):
+        verify_checkpoint("msc", prefix, save_baseline(tmp_path / "other", model.state_dict(), record))

@@ -296,6 +296,8 @@ def test_command_line_json_and_queries_file(tmp_path: Path, propy_choice, tiny_c
     )
     assert built.returncode == 0, built.stderr
     assert "indexed 3 new" in built.stdout
+    recorded = json.loads((out / "index.json").read_text())["model"]  # ProPy encodes as params.yaml trained it
+    assert (recorded["max_words"], recorded["tail_fix"]) == (MAX_WORDS, True)
     found = run_cli(*common, "search", str(out), "a bright bar", "--json", "--top-k", "2")
     assert found.returncode == 0, found.stderr
     results = json.loads(found.stdout)  # stdout is the JSON array alone

@@ -25,7 +25,7 @@ from stages.data.errors import PipelineError
 from stages.models.baselines.base import BaselineConfig
 from stages.models.baselines.importer import import_official, load_official_checkpoint, official_state_dict
 from stages.models.reference import reference_check
-from stages.models.registry import available_models, build_model, model_spec
+from stages.models.registry import build_model, model_spec
 from stages.models.trained import load_baseline, save_baseline
 
 # Input sizes of a probe model, chosen to equal no other dimension: wherever a probe parameter has one of them, the
@@ -69,7 +69,7 @@ def import_baseline_checkpoint(name: str, src: str | Path, dst: str | Path, keys
     cls = _baseline_spec(name)
     state = official_state_dict(load_official_checkpoint(src))
     config = config_from_dict(cls, {**keys, **input_sizes(name, keys, state)}, f"baselines.{name}.model")
-    model = import_official(build_model(name, cfg=config), src)
+    model = import_official(build_model(name, cfg=config), src, state)
     record = {
         "model": name,
         "trained": True,
@@ -80,15 +80,10 @@ def import_baseline_checkpoint(name: str, src: str | Path, dst: str | Path, keys
     return {"checkpoint": str(dst), "model": name, **{k: getattr(config, k) for k in _PROBE_SIZES}}
 
 
-def _fixture_differences(config: BaselineConfig, fixture: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields of `config` that a fixture config names with another value (ours, fixture)."""
-    stated = {**fixture.get("model_config", {}), **fixture.get("loss_config", {}), **fixture.get("inference", {})}
-    ours = dataclasses.asdict(config)
-    return {
-        key: (ours[key], value)
-        for key, value in stated.items()
-        if key in ours and json.loads(json.dumps(ours[key])) != value
-    }
+def _fixture_differences(config: BaselineConfig, fixture: BaselineConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields of `config` whose value is not the fixture model's (ours, fixture)."""
+    ours, theirs = dataclasses.asdict(config), dataclasses.asdict(fixture)
+    return {key: (value, theirs[key]) for key, value in ours.items() if value != theirs[key]}
 
 
 def verify_checkpoint(name: str, prefix: str, checkpoint: str | Path) -> dict[str, float]:
@@ -100,13 +95,13 @@ def verify_checkpoint(name: str, prefix: str, checkpoint: str | Path) -> dict[st
     check = reference_check(name)
     if check.reads_checkpoint:
         return check.fn(prefix, checkpoint=str(checkpoint))
-    if name not in available_models("features"):
+    if check.fixture_config is None:
         raise PipelineError(f"the {name!r} check compares no model file; run it without --checkpoint")
     model, config, _ = load_baseline(checkpoint, name)
     config_path = Path(f"{prefix}_config.json")
     if not config_path.is_file():
         raise PipelineError(f"reference fixture files missing: {[str(config_path)]}")
-    differ = _fixture_differences(config, json.loads(config_path.read_text()))
+    differ = _fixture_differences(config, check.fixture_config(json.loads(config_path.read_text())))
     if differ:
         raise PipelineError(f"{checkpoint} has another model config than the fixture (ours, fixture): {differ}")
     fixture = Path(prefix)

@@ -26,18 +26,24 @@ class ReferenceCheck:
     fn: CheckFn  # PREFIX (and `checkpoint=` when `reads_checkpoint`) -> {output name: error}
     tolerance: float  # the largest error that passes
     reads_checkpoint: bool  # True: `fn` also checks one of our model files given as `checkpoint=PATH`
+    fixture_config: Callable[[dict[str, Any]], Any] | None  # a fixture's config.json -> the model config it checks
 
 
 _CHECKS: dict[str, ReferenceCheck] = {}
 
 
 def register_reference_check(
-    name: str, *, tolerance: float = TOLERANCE, reads_checkpoint: bool = False
+    name: str,
+    *,
+    tolerance: float = TOLERANCE,
+    reads_checkpoint: bool = False,
+    fixture_config: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Callable[[CheckFn], CheckFn]:
-    """Register the fixture check of one model family (`@register_reference_check("propy")`)."""
+    """Register the fixture check of one model family (`@register_reference_check("propy")`); a feature baseline's
+    check gives `fixture_config`, the model config it builds from a fixture, which one of our model files must have."""
 
     def decorator(fn: CheckFn) -> CheckFn:
-        _CHECKS[name] = ReferenceCheck(fn, tolerance, reads_checkpoint)
+        _CHECKS[name] = ReferenceCheck(fn, tolerance, reads_checkpoint, fixture_config)
         return fn
 
     return decorator

@@ -170,11 +170,16 @@ def _training_errors(model: AMDNet, config: dict[str, Any], io: dict[str, np.nda
     }
 
 
-@register_reference_check("amdnet")
+def amdnet_config(config: dict[str, Any]) -> AMDNetConfig:
+    """Our config of the AMDNet a fixture was made with."""
+    return fixture_model_config(AMDNetConfig, config)
+
+
+@register_reference_check("amdnet", fixture_config=amdnet_config)
 def check_amdnet(prefix: str) -> dict[str, float]:
     """AMDNet against `PREFIX_*`: preprocessing, encoder internals, scores, loss internals, losses, negatives."""
     config, io, state = load_fixture(prefix)
-    model = AMDNet(fixture_model_config(AMDNetConfig, config))
+    model = AMDNet(amdnet_config(config))
     model.load_state_dict(state, strict=True)
     model.eval()
     errors = preprocessing_errors(config, io, model.preprocess_config())

@@ -73,7 +73,12 @@ def dygmm_errors(model: GMMFormer2, videos: VideoBatch, io: dict[str, np.ndarray
     return max_of(errors)
 
 
-@register_reference_check("gmmformer2")
+def gmmformer2_config(config: dict[str, Any]) -> GMMFormer2Config:
+    """Our config of the GMMFormer v2 a fixture was made with."""
+    return fixture_model_config(GMMFormer2Config, config, {"dygmm_branch_widths": "dygmm_widths"})
+
+
+@register_reference_check("gmmformer2", fixture_config=gmmformer2_config)
 def check_gmmformer2(prefix: str) -> dict[str, float]:
     """GMMFormer v2 against `PREFIX_*`: preprocessing, DyGMM blocks and masks, frame padding, scores, OT and QDL,
     losses and negatives."""
@@ -124,10 +129,9 @@ def check_gmmformer2(prefix: str) -> dict[str, float]:
         qdl = focal_query_diverse_loss(second, queries.labels, *model.cfg.neg_factor)
         errors["qdl_unweighted"] = max_abs_diff(qdl, io["qdl_unweighted"])
 
-    renames = {"dygmm_branch_widths": "dygmm_widths"}
     return check_fixture(
         prefix,
-        lambda c: GMMFormer2(fixture_model_config(GMMFormer2Config, c, renames)),
+        lambda c: GMMFormer2(gmmformer2_config(c)),
         encoder_groups,
         extra,
         VIDEO_BRANCH_NEGATIVES,

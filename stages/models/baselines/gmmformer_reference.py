@@ -24,7 +24,12 @@ from stages.models.baselines.reference import (
 from stages.models.reference import register_reference_check
 
 
-@register_reference_check("gmmformer")
+def gmmformer_config(config: dict[str, Any]) -> GMMFormerConfig:
+    """Our config of the GMMFormer a fixture was made with."""
+    return fixture_model_config(GMMFormerConfig, config)
+
+
+@register_reference_check("gmmformer", fixture_config=gmmformer_config)
 def check_gmmformer(prefix: str) -> dict[str, float]:
     """GMMFormer against `PREFIX_*`: preprocessing, GMM blocks and masks, scores, sub-batch padding, losses."""
     encoder_groups = {
@@ -65,7 +70,7 @@ def check_gmmformer(prefix: str) -> dict[str, float]:
 
     return check_fixture(
         prefix,
-        lambda c: GMMFormer(fixture_model_config(GMMFormerConfig, c)),
+        lambda c: GMMFormer(gmmformer_config(c)),
         encoder_groups,
         extra,
         VIDEO_BRANCH_NEGATIVES,

@@ -154,14 +154,19 @@ def _pad_probe_frame_scores(model: HLFormer, io: dict[str, np.ndarray], videos: 
     return model.score_branches(torch.from_numpy(io["query_vec"]), probe_videos)["frame"]
 
 
-@register_reference_check("hlformer")
+def hlformer_config(config: dict[str, Any]) -> HLFormerConfig:
+    """Our config of the HLFormer a fixture was made with."""
+    return fixture_model_config(HLFormerConfig, config, derived=_derived)
+
+
+@register_reference_check("hlformer", fixture_config=hlformer_config)
 def check_hlformer(prefix: str) -> dict[str, float]:
     """HLFormer against `PREFIX_*`: see the module docstring for what is compared."""
     fixture_config: dict[str, Any] = {}
 
     def build(config: dict[str, Any]) -> HLFormer:
         fixture_config.update(config)
-        return HLFormer(fixture_model_config(HLFormerConfig, config, derived=_derived))
+        return HLFormer(hlformer_config(config))
 
     encoder_groups = {
         "query_encoder": QUERY_ENCODER_STAGES

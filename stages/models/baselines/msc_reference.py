@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from stages.data.errors import PipelineError
 from stages.models.baselines.gmmformer2_reference import dygmm_errors, video_encoder_groups
-from stages.models.baselines.msc import MSC, MSCConfig, MSCPreprocessConfig, teacher_tokens
+from stages.models.baselines.msc import MSC, MSCConfig, MSCPreprocessConfig
 from stages.models.baselines.msc_losses import rkd_angle, rkd_distance
 from stages.models.baselines.preprocessing import bin_edges, bin_ranges
 from stages.models.baselines.reference import (
@@ -23,7 +23,6 @@ from stages.models.baselines.reference import (
     fixture_preprocess_config,
     fixture_training_scores,
     gaussian_mask_errors,
-    load_fixture,
     max_abs_diff,
     max_of,
     raw_videos,
@@ -76,11 +75,16 @@ def merging_errors(cfg: MSCPreprocessConfig, io: dict[str, np.ndarray]) -> float
     return max_of(errors)
 
 
-@register_reference_check("msc")
+@register_reference_check("msc", fixture_config=msc_config)
 def check_msc(prefix: str) -> dict[str, float]:
     """MSC against `PREFIX_*`: preprocessing (averaging, merge stages), encoders with merge-size attention, DyGMM
     mixing, scores, the teacher, the video-level alignment internals, RKD, losses and negatives."""
-    config = load_fixture(prefix)[0]
+    config: dict[str, Any] = {}  # the fixture's config.json, read once by check_fixture
+
+    def build(fixture: dict[str, Any]) -> MSC:
+        config.update(fixture)
+        return MSC(msc_config(fixture))
+
     encoder_groups = {
         "query_encoder": QUERY_ENCODER_STAGES
         + [("query_encoder.self", "enc_query_selfattn"), ("query_encoder.norm1", "enc_query_norm1")],
@@ -100,10 +104,10 @@ def check_msc(prefix: str) -> dict[str, float]:
 
         train = train_batch(config, io, pre)
         raw_order = np.argsort([config["data"]["query_ids"].index(qid) for qid in train.queries.query_ids])
-        teacher = teacher_tokens(queries)
+        teacher = queries.last_tokens()
         errors["teacher"] = max(
             max_abs_diff(teacher, io["clip_query"]),
-            max_abs_diff(teacher_tokens(train.queries)[raw_order], io["train_clip_query"]),
+            max_abs_diff(train.queries.last_tokens()[raw_order], io["train_clip_query"]),
         )
         scores, _ = fixture_training_scores(model, io)
         errors["train_scores"] = score_errors(scores, io, VIDEO_BRANCH_TRAIN_SCORES)
@@ -134,4 +138,4 @@ def check_msc(prefix: str) -> dict[str, float]:
             max_abs_diff(rkd_angle(scores["query_vec"], teacher), io["rkd_angle"]),
         )
 
-    return check_fixture(prefix, lambda c: MSC(msc_config(c)), encoder_groups, extra, VIDEO_BRANCH_NEGATIVES)
+    return check_fixture(prefix, build, encoder_groups, extra, VIDEO_BRANCH_NEGATIVES)

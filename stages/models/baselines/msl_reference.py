@@ -18,7 +18,12 @@ from stages.models.baselines.reference import (
 from stages.models.reference import register_reference_check
 
 
-@register_reference_check("msl")
+def msl_config(config: dict[str, Any]) -> MSSLConfig:
+    """Our config of the MS-SL a fixture was made with."""
+    return fixture_model_config(MSSLConfig, config)
+
+
+@register_reference_check("msl", fixture_config=msl_config)
 def check_msl(prefix: str) -> dict[str, float]:
     """MS-SL against `PREFIX_*`: preprocessing, encoders, proposals, scores, frame attention, losses, negatives."""
     encoder_groups = {
@@ -59,6 +64,4 @@ def check_msl(prefix: str) -> dict[str, float]:
         "frame_row": "train_frame_scores",
         "frame_col": "train_frame_scores",
     }
-    return check_fixture(
-        prefix, lambda c: MSSL(fixture_model_config(MSSLConfig, c)), encoder_groups, extra, negative_keys
-    )
+    return check_fixture(prefix, lambda c: MSSL(msl_config(c)), encoder_groups, extra, negative_keys)
