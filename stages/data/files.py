@@ -22,6 +22,15 @@ def file_fingerprint(path: str | Path) -> dict[str, int | str]:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
 
 
+def current_fingerprint(path: str | Path, known: dict) -> dict[str, int | str]:
+    """`path`'s `file_fingerprint`, taken from `known` (one recorded earlier, e.g. when the file was decoded) while the
+    file's size and mtime are still the recorded ones, so that it is not read again."""
+    stat = Path(path).stat()
+    if (known.get("size"), known.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns) and "sha256" in known:
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": known["sha256"]}
+    return file_fingerprint(path)
+
+
 def same_file(path: str | Path, recorded: dict) -> bool:
     """Whether `path` still holds the content `recorded` (a `file_fingerprint`): same size and mtime or, if only
     the mtime changed (a copy, a checkout), the same sha256."""

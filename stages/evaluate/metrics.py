@@ -50,6 +50,9 @@ class BootstrapConfig:
             raise PipelineError(f"bootstrap: resamples must be >= 0 and level in (0, 1), got {self}")
 
 
+NO_INTERVALS = BootstrapConfig(resamples=0)  # for model selection, which reads the point values only
+
+
 def count_ranked_ahead(scores: Tensor, gt_scores: Tensor, gt: Tensor, column_offset: int = 0) -> Tensor:
     """Per query, the videos of a block of columns ranked ahead of its ground truth under the stable tie rule.
 

@@ -108,7 +108,7 @@ def draw_propy_figures(
         paths.append(attention_figure(model, frames, corpus, query, event, cfg.attention_layer, path, dpi, device))
     selections = {"trained": selection}
     if cfg.untrained_reference:
-        untrained = build_propy(base, model.config, device)
+        untrained = build_propy(base, model.config, device, clip=(model.clip, model.arch))  # CLIP is frozen
         selections["untrained"] = select_events(
             untrained, encode_split(untrained, dataset, corpus, inputs, device), gt_video, device
         )

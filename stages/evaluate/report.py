@@ -19,7 +19,6 @@ the two differ, and `--readme` copies it over.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from stages.data.config import BaseConfig
+from stages.data.config import BaseConfig, flatten
 from stages.data.errors import PipelineError
 from stages.data.files import atomic_write_text
 from stages.evaluate.metrics import PRVR_KEYS, BootstrapConfig, paired_bootstrap
@@ -142,7 +141,7 @@ def update_readme(readme: Path, report: str) -> None:
 
 def non_default_settings(config: Any) -> dict[str, Any]:
     """The fields of a config dataclass that differ from its defaults, flattened to dotted keys."""
-    ours, defaults = _flat(dataclasses.asdict(config)), _flat(dataclasses.asdict(type(config)()))
+    ours, defaults = flatten(config), flatten(type(config)())
     return {key: value for key, value in ours.items() if defaults.get(key) != value}
 
 
@@ -421,13 +420,3 @@ def _size_label(size: int) -> str:
 
 def _names(keys: list[str]) -> str:
     return ", ".join(RECALL_HEADERS.get(key, key) for key in keys)
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -166,10 +166,12 @@ def run_decode(base: BaseConfig, config: DecodeConfig) -> DecodeSummary:
     cache_path = base.frames_path.resolve()
     ensure_cache(cache_path)
     cache = FrameCache(cache_path)
-    gone = [vid for vid in missing if vid in cache and cache.attrs(vid).get("settings") == _settings(config)]
+    settings = _settings(config)
+    gone = [vid for vid in missing if vid in cache and cache.attrs(vid).get("settings") == settings]
     failed = [DecodeOutcome(vid, path, reason=reason) for vid, (path, reason) in missing.items() if vid not in gone]
     skipped = [vid for vid, paths in sources.items() if is_up_to_date(cache, vid, paths, config)]
-    jobs = [_job(vid, paths, videos[vid], cache_path, config) for vid, paths in sources.items() if vid not in skipped]
+    done = set(skipped)  # sets: a re-run of a large, cached dataset checks every video against them
+    jobs = [_job(vid, paths, videos[vid], cache_path, config) for vid, paths in sources.items() if vid not in done]
     outcomes = run_decode_jobs(jobs, config, done_before=len(skipped) + len(gone)) if jobs else []
     with contextlib.suppress(OSError):  # the staging folder is empty unless a worker was killed mid-write
         staging_dir(cache_path).rmdir()

@@ -76,7 +76,7 @@ def run_features(base: BaseConfig, cfg: FeaturesConfig) -> Path:
     cache = FrameCache(base.frames_path)
     queries = available.queries
     video_ids = sorted(available.video_ids)
-    size = cache.read(video_ids[0], [0]).shape[1] if video_ids else arch.image_size
+    size = cache.frame_shape(video_ids[0])[0]  # available_queries refuses an empty set
     if size != arch.image_size:
         raise PipelineError(
             f"cached frames are {size}px but {base.clip_weights} expects {arch.image_size}px; "

@@ -231,7 +231,13 @@ def load_propy(checkpoint: str | Path, clip_weights: str | Path | None = None, *
     The CLIP is `clip_weights` or, without it, the file recorded in the checkpoint (`import-checkpoint` records the
     one it wrote or checked). `overrides` replace fields of the saved model config (e.g. `fast_path=False`).
     """
-    payload = load_checkpoint(checkpoint)
+    return propy_from_payload(load_checkpoint(checkpoint), checkpoint, clip_weights, **overrides)
+
+
+def propy_from_payload(
+    payload: dict[str, Any], checkpoint: str | Path, clip_weights: str | Path | None = None, **overrides: Any
+) -> ProPy:
+    """`load_propy` of a checkpoint already read (`payload`, read from `checkpoint`)."""
     if payload.get("model") != "propy":
         raise PipelineError(f"{checkpoint} holds model {payload.get('model')!r}, not propy")
     clip_weights = clip_weights or payload.get("clip_weights")
@@ -266,9 +272,10 @@ def check_reference(
             return build_from_official(payload, pyramid, official, fast_path=fast)[0]
 
     else:
+        ours = load_checkpoint(model_file)
 
         def build(fast: bool) -> ProPy:
-            return load_propy(model_file, fast_path=fast)
+            return propy_from_payload(ours, model_file, fast_path=fast)
 
     errors: dict[str, float] = {}
     for fast in (True, False):

@@ -32,7 +32,7 @@ from stages.data.rng import seed_everything
 from stages.models.baselines.base import BaselineConfig
 from stages.models.clip_backbone import ClipArch, load_clip, normalize_frames, tokenize
 from stages.models.propy import ProPy, ProPyConfig
-from stages.models.propy_import import load_propy
+from stages.models.propy_import import propy_from_payload
 from stages.models.registry import build_model, model_spec
 
 
@@ -139,7 +139,7 @@ def load_trained_propy(
     state = load_checkpoint(path)
     recorded = state.get("clip_weights")
     clip = recorded if recorded and Path(recorded).is_file() else base.clip_weights
-    model = load_propy(path, clip).to(device)
+    model = propy_from_payload(state, path, clip).to(device)
     imported = state.get("extra", {}).get("imported_from", path)
     return model, state.get("selection", {"split": "", "rule": f"imported from {imported}"})
 

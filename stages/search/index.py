@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from stages.data.errors import PipelineError
-from stages.data.files import atomic_write_text, file_fingerprint, same_file
+from stages.data.files import atomic_write_text, current_fingerprint, same_file
 from stages.data.frame_cache import FrameCache, ensure_cache
 from stages.data.progress import progress_bar
 from stages.extract.decode import DecodeConfig, DecodeJob, decode_task, is_up_to_date, run_decode_jobs
@@ -320,7 +320,8 @@ def _write_video(
 ) -> VideoRecord:
     """Write one video's thumbnails, then its vectors and record (the .npz marks the video finished)."""
     num_frames = cache.num_frames(video.key)
-    duration = video_duration(cache.attrs(video.key), num_frames)
+    attrs = cache.attrs(video.key)
+    duration = video_duration(attrs, num_frames)
     middle = encoded.windows.mean(axis=1)
     thumbs = np.minimum((middle * num_frames).astype(np.int64), num_frames - 1).astype(np.int32)
     _write_thumbnails(layout.thumbs / video.key, cache, video.key, np.unique(thumbs), config)
@@ -328,7 +329,7 @@ def _write_video(
         video_id=video.video_id,
         path=video.path,
         key=video.key,
-        fingerprint=file_fingerprint(video_dir / video.path),
+        fingerprint=current_fingerprint(video_dir / video.path, attrs.get("source", {})),  # decoding hashed it
         duration=duration,
         frames=num_frames,
         units=len(encoded.units),

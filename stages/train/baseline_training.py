@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from stages.data.errors import PipelineError
 from stages.data.schema import Query
 from stages.evaluate.evaluator import EvalConfig, evaluate_encoder, ground_truth
+from stages.evaluate.metrics import NO_INTERVALS
 from stages.evaluate.retrieval import ScoringConfig
 from stages.models.baselines.data import (
     FeatureSource,
@@ -190,8 +191,12 @@ def validate(
     """PRVR metrics of the validation split, computed by the shared evaluator."""
     video_batches = DataLoader(datasets.val_videos, cfg.eval_video_batch, collate_fn=collate_videos)
     query_batches = DataLoader(datasets.val_queries, cfg.eval_query_batch, collate_fn=collate_queries)
-    eval_cfg = EvalConfig(
-        split="val", scoring=ScoringConfig(device=str(device)), moment_retrieval=False, measure_efficiency=False
+    eval_cfg = EvalConfig(  # model selection reads the recalls only: no intervals, no moments, no timings
+        split="val",
+        scoring=ScoringConfig(device=str(device)),
+        bootstrap=NO_INTERVALS,
+        moment_retrieval=False,
+        measure_efficiency=False,
     )
     batches = (b.to(device) for b in video_batches), (b.to(device) for b in query_batches)
     metrics = evaluate_encoder(model, *batches, datasets.val_gt, eval_cfg)

@@ -17,7 +17,6 @@ stays a single run. One seed of one model by hand, e.g. ProPy on 4 GPUs:
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from stages.data.config import BaseConfig
 from stages.data.errors import PipelineError
 from stages.evaluate.evaluator import EvaluateConfig
 from stages.models import model_spec
+from stages.train.distributed import log_main
 from stages.train.train_baseline import BaselineStageConfig, run_evaluate_baseline, run_train_baseline
 from stages.train.train_propy import TrainPropyConfig, run_evaluate_propy, run_train_propy
 
@@ -63,9 +63,9 @@ def run_seeds(
         for name in models:
             path = run.dataset_metrics / f"{name}.json"
             if missing_only and path.is_file():
-                _log(f"seeds: {path} exists; skipped")
+                log_main(f"seeds: {path} exists; skipped")
                 continue
-            _log(f"seeds: training and evaluating {name} with seed {seed}")
+            log_main(f"seeds: training and evaluating {name} with seed {seed}")
             if model_spec(name).inputs == "frames":
                 run_train_propy(run, propy)
                 run_evaluate_propy(run, propy, evaluation)
@@ -87,7 +87,3 @@ def _check(base: BaseConfig, seeds: Sequence[int], models: Sequence[str], baseli
             raise PipelineError(f"seeds: {name} has nothing to train, so every seed gives the same numbers")
         if spec.inputs == "features" and name not in baselines:
             raise PipelineError(f"seeds: {name} has no entry in the params `baselines` section")
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -51,6 +51,7 @@ from stages.data.frame_cache import FrameCache
 from stages.data.frame_dataset import EncodedFrames, FrameDataset, Frames, collate_frames, stack_frames
 from stages.data.schema import video_durations
 from stages.evaluate.evaluator import EvalConfig, EvaluateConfig, evaluate_encoder, ground_truth, write_metrics
+from stages.evaluate.metrics import NO_INTERVALS
 from stages.models.clip_backbone import file_sha256, normalize_frames, tokenize
 from stages.models.propy import ProPy, ProPyConfig, propy_loss
 from stages.models.trained import PropyEncoder, build_propy, load_trained_propy, propy_dir
@@ -323,7 +324,7 @@ def _train(base: BaseConfig, cfg: TrainPropyConfig, world: WorldInfo, device: to
         extra: dict[str, Any] = {"split": cfg.select_split}
         if is_main_process():
             if selection_corpus is not None:
-                protocol = EvalConfig(moment_retrieval=False, measure_efficiency=False)
+                protocol = EvalConfig(bootstrap=NO_INTERVALS, moment_retrieval=False, measure_efficiency=False)
                 scores = evaluate_propy(
                     model, base, selection_corpus, protocol, cfg, cfg.eval_batch_videos, 256, device
                 )

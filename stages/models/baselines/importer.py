@@ -73,9 +73,12 @@ def official_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def import_official(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load an official checkpoint into our `model` (identity key mapping, strict)."""
-    state = official_state_dict(load_official_checkpoint(path))
+def import_official(
+    model: torch.nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
+    """Load an official checkpoint into our `model` (identity key mapping, strict); `state`: its
+    `official_state_dict`, when the caller has read it already."""
+    state = official_state_dict(load_official_checkpoint(path)) if state is None else state
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

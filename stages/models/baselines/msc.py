@@ -30,7 +30,7 @@ from torch import nn
 
 from stages.data.errors import PipelineError
 from stages.models.baselines.base import Encodings, MomentUnits, TrainingStep
-from stages.models.baselines.data import QueryBatch, TrainBatch, VideoBatch
+from stages.models.baselines.data import TrainBatch, VideoBatch
 from stages.models.baselines.gmmformer2 import GMMFormer2, GMMFormer2Config
 from stages.models.baselines.layers import init_weights
 from stages.models.baselines.msc_losses import VideoAlignment, rkd_angle, rkd_distance, video_level_alignment
@@ -168,12 +168,6 @@ def _merged(batch: VideoBatch) -> VideoBatch:
     return batch
 
 
-def teacher_tokens(queries: QueryBatch) -> torch.Tensor:
-    """[N, d_t] the last real row of each preprocessed query (its CLIP EOT feature unless it was truncated)."""
-    last = queries.query_mask.sum(dim=1).long() - 1
-    return queries.query_feats[torch.arange(len(last), device=last.device), last]
-
-
 @register_model("msc", config=MSCConfig)
 class MSC(GMMFormer2):
     """MSC-PRVR (parameter names and order as in the official module: GMMFormer v2's, then `vproj_clip`)."""
@@ -207,7 +201,7 @@ class MSC(GMMFormer2):
         and the RKD teacher per query (one query-encoder pass: no second one)."""
         v = batch.videos
         per_video = {"clip_feats": v.clip_feats, "clip_sizes": v.clip_sizes, "frame_labels": v.frame_labels}
-        return per_video, {"teacher": teacher_tokens(batch.queries)}
+        return per_video, {"teacher": batch.queries.last_tokens()}
 
     def alignment(
         self,
