@@ -272,10 +272,10 @@ def check_reference(
             return build_from_official(payload, pyramid, official, fast_path=fast)[0]
 
     else:
-        ours = load_checkpoint(model_file)
+        saved = load_checkpoint(model_file)
 
         def build(fast: bool) -> ProPy:
-            return propy_from_payload(ours, model_file, fast_path=fast)
+            return propy_from_payload(saved, model_file, fast_path=fast)
 
     errors: dict[str, float] = {}
     for fast in (True, False):
